@@ -1,0 +1,1 @@
+"""Attention backends and efficient-attention kernels for rollouts (imported as ``tempflow.attention``)."""

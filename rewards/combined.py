@@ -1,0 +1,52 @@
+"""Several rewards as one: a weighted sum, with each component kept for logging and bad scores handled."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import get_reward
+
+
+class RewardError(RuntimeError):
+    """A reward raised, returned the wrong number of scores, or returned a non-finite score."""
+
+
+class CombinedReward:
+    """Score images with every reward; ``total = Σ wᵢ·rᵢ``. A sample that a reward could not score (``None``,
+    NaN or inf) gets NaN in the total, or, with ``error_policy="raise"``, stops with the reward's name."""
+
+    def __init__(self, rewards: dict, weights: list[float] | None = None, error_policy: str = "raise"):
+        self.rewards = rewards
+        self.weights = list(weights) if weights is not None else [1.0] * len(rewards)
+        self.error_policy = error_policy
+
+    @classmethod
+    def from_names(cls, names: list[str], weights=None, error_policy: str = "raise") -> CombinedReward:
+        return cls({name: get_reward(name) for name in names}, weights, error_policy)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> tuple[torch.Tensor, dict]:
+        components = {name: self._score(name, func, images, prompts, metadata) for name, func in self.rewards.items()}
+        total = sum(w * c for w, c in zip(self.weights, components.values()))
+        return total, components
+
+    def _score(self, name, func, images, prompts, metadata) -> torch.Tensor:
+        try:
+            scores = list(func(images, prompts, **metadata))
+        except Exception as err:
+            if self.error_policy == "raise":
+                raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
+            warnings.warn(f"reward {name!r} raised {type(err).__name__}: {err}; its samples are skipped", stacklevel=2)
+            return torch.full((len(prompts),), math.nan)
+        if len(scores) != len(prompts):
+            raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(prompts)} images")
+        values = torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32)
+        bad = (~torch.isfinite(values)).sum().item()
+        if bad:
+            if self.error_policy == "raise":
+                raise RewardError(f"reward {name!r} returned {bad} None/NaN/inf score(s) of {len(scores)}")
+            warnings.warn(f"reward {name!r} could not score {bad} sample(s); they are skipped", stacklevel=2)
+            values[~torch.isfinite(values)] = math.nan
+        return values

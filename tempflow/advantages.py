@@ -1,0 +1,54 @@
+"""Group-relative advantages: rewards normalised within groups of samples that share a starting point.
+
+Flow-GRPO groups the G images of one prompt. TempFlow-GRPO groups the G children branched from one ODE
+state (same prompt, same seed, same step: the *seed group*), or, as an ablation, all children of a prompt at
+one step (the *prompt group*). Either way the computation is the same: give every sample a group id.
+
+Rewards may hold NaN for samples a reward could not score; they are left out of their group's statistics
+and get advantage 0, so they push the policy nowhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_CHOICES = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """``A = (r − mean_group(r)) / (std + eps)`` for flat ``rewards`` and integer ``group_ids`` of equal shape.
+
+    ``scale_rewards``: ``"group"`` divides by each group's std, ``"batch"`` by the std of the whole batch,
+    ``"none"`` only centres. Stds are population stds (``unbiased=False``), as in the reference code.
+    ``clip`` clamps the result to ``±clip``.
+    """
+    if scale_rewards not in SCALE_CHOICES:
+        raise ValueError(f"scale_rewards must be one of {SCALE_CHOICES}, got {scale_rewards!r}")
+    rewards = rewards.float().flatten()
+    group_ids = group_ids.flatten()
+    if rewards.shape != group_ids.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} differ in shape")
+    valid = torch.isfinite(rewards)
+    values = torch.where(valid, rewards, torch.zeros_like(rewards))
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    counts = torch.zeros(num_groups).index_add_(0, inverse, valid.float())
+    sums = torch.zeros(num_groups).index_add_(0, inverse, values)
+    means = sums / counts.clamp(min=1)
+    centred = torch.where(valid, values - means[inverse], torch.zeros_like(values))
+    if scale_rewards == "group":
+        variances = torch.zeros(num_groups).index_add_(0, inverse, centred**2) / counts.clamp(min=1)
+        advantages = centred / (variances.sqrt()[inverse] + eps)
+    elif scale_rewards == "batch":
+        advantages = centred / (values[valid].std(unbiased=False) + eps) if valid.any() else centred
+    else:
+        advantages = centred
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages

@@ -1,0 +1,244 @@
+"""`TempFlowGRPOConfig`: every setting of a training run, in one dataclass.
+
+Field help texts are the CLI's ``--help``. Defaults follow the TempFlow-GRPO / Flow-GRPO recipes for SD3.5-M
+(DESIGN §3); field names follow TRL's ``GRPOConfig`` where the idea is the same (``num_generations``,
+``beta``, ``epsilon``, ``scale_rewards``, ``num_iterations``, ``learning_rate``, ...). Recipes are YAML files
+of these fields; ``tempflow train RECIPE.yaml --key value`` overrides any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ALGORITHMS = ("tempflow_grpo", "flow_grpo")
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TempFlowGRPOConfig:
+    # --- run ---
+    output_dir: str = _help("Where checkpoints, LoRA weights, metrics and plots are written.", default="outputs/run")
+    seed: int = _help("Seed of everything random: prompts, noise, branch steps, shuffling.", default=42)
+    algorithm: str = _help(
+        "`tempflow_grpo` (branched rollouts, per-step credit) or `flow_grpo` (full SDE trajectories).",
+        default="tempflow_grpo",
+    )
+
+    # --- model ---
+    model_name_or_path: str = _help(
+        "Hub id or local directory of a diffusers pipeline (SD3/SD3.5 or FLUX.1), or `shapes` for the shipped "
+        "ShapesWorld pipeline.",
+        default="shapes",
+    )
+    model_family: str = _help("`auto` (read model_index.json), `sd3` or `flux`.", default="auto")
+    resolution: int = _help("Image height and width in pixels.", default=512)
+    guidance_scale: float = _help(
+        "CFG scale for SD3 (in rollouts and log-prob recomputation alike); guidance embedding for FLUX.",
+        default=4.5,
+    )
+    mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
+
+    # --- sampling ---
+    num_inference_steps: int = _help("Denoising steps N of a training rollout.", default=10)
+    eval_num_inference_steps: int = _help("ODE steps of evaluation sampling.", default=40)
+    noise_level: float = _help("SDE noise level a (0.7 for SD3.5, 0.9 for FLUX in the reference work).", default=0.7)
+    sde_type: str = _help("Stochastic step: `sde` (Flow-GRPO) or `cps` (coefficients-preserving).", default="sde")
+    num_generations: int = _help(
+        "G: images per prompt (flow_grpo) or SDE children per branch step (tempflow_grpo).", default=6
+    )
+    prompts_per_iteration: int = _help("Prompts sampled per process per training iteration.", default=4)
+    seeds_per_prompt: int = _help(
+        "tempflow_grpo: ODE main paths (noise seeds) per prompt; each seed is branched on its own.", default=1
+    )
+    rollout_batch_size: int = _help(
+        "Latents per transformer call in rollouts (before CFG doubling); branch children of different "
+        "timesteps are packed together up to this size.",
+        default=16,
+    )
+
+    # --- TempFlow-GRPO components (each one switch, for the paper's ablations) ---
+    branching: bool = _help("tempflow_grpo: branch G SDE children off the ODE path at each branch step.", default=True)
+    branch_steps: list[int] | None = _help(
+        "Step indices to branch at; default all but the last step.", default=None
+    )
+    num_branch_steps_per_iteration: int | None = _help(
+        "Branch at a random subset of k of the branch steps each iteration (cheaper rollouts).", default=None
+    )
+    child_num_inference_steps: int | None = _help(
+        "Finish children with at most this many ODE steps (coarser than the main path); default: same grid.",
+        default=None,
+    )
+    noise_aware_weighting: bool = _help("Weight each step's loss by its noise std (mean 1).", default=True)
+    advantage_group: str = _help(
+        "tempflow_grpo: normalise rewards among the children of one seed at one step (`seed`) or among all "
+        "children of the prompt at that step (`prompt`).",
+        default="seed",
+    )
+    scale_rewards: str = _help("Divide centred rewards by the `group` std, the `batch` std, or `none`.", default="group")
+    adv_clip_max: float = _help("Advantages are clamped to ±adv_clip_max.", default=5.0)
+
+    # --- windowed SDE (Flow-GRPO-Fast / MixGRPO style) ---
+    sde_window_size: int | None = _help(
+        "flow_grpo: SDE only in a window of this many consecutive steps (ODE elsewhere); only window steps "
+        "are trained. Default: SDE everywhere.",
+        default=None,
+    )
+    sde_window_range: list[int] | None = _help(
+        "[first, last] step where a window may start; default the whole trajectory.", default=None
+    )
+
+    # --- objective ---
+    epsilon: float = _help("Clip range ε of the ratio (tiny on purpose in this field).", default=1e-4)
+    beta: float = _help(
+        "KL coefficient to the reference policy (LoRA disabled), using the exact Gaussian step KL "
+        "mean((μ_θ−μ_ref)²)/(2·std²) with std = s·sqrt(−Δ) (TempFlow's convention).",
+        default=0.0,
+    )
+    num_iterations: int = _help("Passes (inner epochs) over each rollout batch.", default=1)
+    per_device_train_batch_size: int = _help("Training rows (transitions) per micro-batch.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=4)
+
+    # --- optimisation ---
+    learning_rate: float = _help("AdamW learning rate.", default=3e-4)
+    adam_beta1: float = _help("AdamW β1.", default=0.9)
+    adam_beta2: float = _help("AdamW β2.", default=0.999)
+    adam_epsilon: float = _help("AdamW ε.", default=1e-8)
+    weight_decay: float = _help("AdamW weight decay.", default=1e-4)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    max_steps: int = _help("Training iterations (each: one rollout batch, rewards, and its updates).", default=100)
+    gradient_checkpointing: bool = _help("Trade compute for memory in the transformer.", default=False)
+    use_ema: bool = _help("Keep an EMA of the trainable weights (evaluation and export use it).", default=False)
+    ema_decay: float = _help("EMA decay per optimizer step.", default=0.9)
+
+    # --- LoRA ---
+    use_lora: bool = _help("Train a LoRA adapter (peft) instead of the full transformer.", default=True)
+    lora_r: int = _help("LoRA rank.", default=32)
+    lora_alpha: int = _help("LoRA alpha.", default=64)
+    lora_init: str = _help("LoRA init (peft `init_lora_weights`): `gaussian` or `default`.", default="gaussian")
+    lora_target_modules: list[str] | None = _help("Modules to adapt; default the model family's.", default=None)
+
+    # --- data and rewards ---
+    train_prompts: str = _help(
+        "Prompt file: .txt (one prompt a line) or .jsonl (objects with a `prompt` key; other keys are passed "
+        "to rewards as metadata). `shapes:train` / `shapes:eval` name the ShapesWorld sets.",
+        default="shapes:train",
+    )
+    eval_prompts: str | None = _help("Held-out prompt file (same formats); none disables evaluation.", default="shapes:eval")
+    num_eval_prompts: int | None = _help("Evaluate on the first n held-out prompts; default all.", default=None)
+    reward_funcs: list[str] = _help(
+        "Registered reward names or `package.module:function` paths.", default_factory=lambda: ["shapes"]
+    )
+    reward_weights: list[float] | None = _help("Weight of each reward in the sum; default all 1.", default=None)
+    eval_reward_funcs: list[str] = _help(
+        "Extra rewards computed only at evaluation (e.g. `shapes_strict` for GenEval-style accuracy).",
+        default_factory=list,
+    )
+    reward_error_policy: str = _help(
+        "When a reward raises or returns NaN/None: `raise` (stop with the reward's name) or `skip` (leave the "
+        "sample out of advantages, with a warning).",
+        default="raise",
+    )
+
+    # --- logging, evaluation and checkpoints ---
+    logging_steps: int = _help("Log metrics every n iterations.", default=1)
+    eval_steps: int | None = _help("Evaluate every n iterations (and at the end); none: only at start and end.", default=None)
+    save_steps: int = _help("Checkpoint every n iterations.", default=10)
+    save_total_limit: int = _help("Keep at most this many checkpoints.", default=2)
+    resume_from_checkpoint: str | None = _help("A checkpoint directory, or `latest` in output_dir.", default=None)
+    report_to: str = _help("accelerate tracker: `tensorboard`, `wandb` or `none`.", default="none")
+    disable_progress_bar: bool = _help("Hide progress bars.", default=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        def reject(name: str, why: str) -> None:
+            raise ValueError(f"config `{name}`: {why} (got {getattr(self, name)!r})")
+
+        def one_of(name: str, choices) -> None:
+            if getattr(self, name) not in choices:
+                reject(name, f"must be one of {list(choices)}")
+
+        def positive(*names: str) -> None:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and value <= 0:
+                    reject(name, "must be positive")
+
+        one_of("algorithm", ALGORITHMS)
+        one_of("model_family", ("auto", "sd3", "flux"))
+        one_of("mixed_precision", ("no", "fp16", "bf16"))
+        one_of("sde_type", ("sde", "cps"))
+        one_of("advantage_group", ("seed", "prompt"))
+        one_of("scale_rewards", ("group", "batch", "none"))
+        one_of("reward_error_policy", ("raise", "skip"))
+        one_of("lora_init", ("gaussian", "default"))
+        positive(
+            "resolution", "num_inference_steps", "eval_num_inference_steps", "num_generations",
+            "prompts_per_iteration", "seeds_per_prompt", "rollout_batch_size", "num_iterations",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
+            "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "epsilon",
+            "adv_clip_max", "sde_window_size", "num_branch_steps_per_iteration", "child_num_inference_steps",
+            "eval_steps", "num_eval_prompts",
+        )
+        if self.num_generations < 2:
+            reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")
+        if self.num_inference_steps < 2:
+            reject("num_inference_steps", "needs at least 2 steps (the last step is never trained)")
+        if not 0 <= self.noise_level <= 1:
+            reject("noise_level", "must lie in [0, 1]")
+        if self.beta < 0:
+            reject("beta", "must be non-negative")
+        if not 0 <= self.ema_decay < 1:
+            reject("ema_decay", "must lie in [0, 1)")
+        if self.branch_steps is not None:
+            if not self.branch_steps:
+                reject("branch_steps", "must not be empty")
+            bad = [i for i in self.branch_steps if not 0 <= i < self.num_inference_steps - 1]
+            if bad:
+                reject("branch_steps", f"indices must lie in [0, num_inference_steps - 2]; bad: {bad}")
+        if self.num_branch_steps_per_iteration is not None:
+            available = len(self.branch_steps) if self.branch_steps else self.num_inference_steps - 1
+            if self.num_branch_steps_per_iteration > available:
+                reject("num_branch_steps_per_iteration", f"exceeds the {available} branch steps available")
+        if self.sde_window_size is not None and self.sde_window_size > self.num_inference_steps - 1:
+            reject("sde_window_size", "must leave the last step out of the window")
+        if self.sde_window_range is not None:
+            if len(self.sde_window_range) != 2 or not 0 <= self.sde_window_range[0] <= self.sde_window_range[1]:
+                reject("sde_window_range", "must be [first, last] with 0 <= first <= last")
+            if self.sde_window_size is None:
+                reject("sde_window_range", "needs sde_window_size")
+            if self.sde_window_range[1] + self.sde_window_size > self.num_inference_steps - 1:
+                reject("sde_window_range", "a window starting at `last` would reach the final step")
+        if not self.reward_funcs:
+            reject("reward_funcs", "needs at least one reward")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
+        if self.branched and self.sde_window_size is not None:
+            reject("sde_window_size", "applies to un-branched rollouts only (flow_grpo, or branching: false)")
+
+    @property
+    def branched(self) -> bool:
+        """Whether rollouts branch children off an ODE path (TempFlow-GRPO) or run full SDE trajectories."""
+        return self.algorithm == "tempflow_grpo" and self.branching
+
+    @property
+    def weighted(self) -> bool:
+        """Whether each step's loss is scaled by its noise-aware weight."""
+        return self.algorithm == "tempflow_grpo" and self.noise_aware_weighting
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TempFlowGRPOConfig:
+        """Build from a mapping (a parsed recipe), rejecting unknown keys by name."""
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**values)

@@ -1,0 +1,276 @@
+"""The policy interface: one model family (SD3, FLUX, ...) behind the few operations RL fine-tuning needs.
+
+A policy wraps a diffusers pipeline and offers: prompt encoding with an embedding cache, the velocity at a
+batch of latents whose samples may sit at different σ (with CFG or guidance embedding as the family uses),
+the σ schedule from the pipeline's scheduler, initial noise, decoding to images, and LoRA (add, save in the
+diffusers format, disable for the KL reference). The rollout engine and the trainer see only this interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch of prompts: named tensors that all share the batch dimension."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index) -> PromptEmbeds:
+        return PromptEmbeds({name: value[index] for name, value in self.tensors.items()})
+
+    def to(self, device) -> PromptEmbeds:
+        return PromptEmbeds({name: value.to(device) for name, value in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds({name: torch.cat([p.tensors[name] for p in parts]) for name in parts[0].tensors})
+
+
+class FlowPolicy:
+    """Base class of model-family adapters. Subclasses set the class attributes and the ``_``-methods."""
+
+    family: str = ""
+    pipeline_class: type = None
+    default_lora_target_modules: tuple[str, ...] = ()
+    default_max_sequence_length: int = 256
+
+    def __init__(
+        self,
+        pipeline,
+        resolution: int = 512,
+        guidance_scale: float = 1.0,
+        max_sequence_length: int | None = None,
+        decode_batch_size: int = 8,
+    ):
+        self.pipeline = pipeline
+        self.resolution = resolution
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.decode_batch_size = decode_batch_size
+        self._embed_cache: dict[str, PromptEmbeds] = {}
+        self._frozen_reference: torch.nn.Module | None = None
+
+    # --- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, torch_dtype: torch.dtype = torch.float32, **kwargs):
+        """Load the family's pipeline with ``from_pretrained`` (a hub id or a local directory)."""
+        check_model_location(model_name_or_path)
+        try:
+            pipeline = cls.pipeline_class.from_pretrained(
+                model_name_or_path, torch_dtype=torch_dtype, **cls._absent_components(model_name_or_path)
+            )
+        except OSError as err:
+            raise FileNotFoundError(f"cannot load model {model_name_or_path!r}: {err}") from err
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, **kwargs)
+
+    @classmethod
+    def _absent_components(cls, model_name_or_path: str) -> dict:
+        """Components a local pipeline saved as null (e.g. SD3 without T5): diffusers needs them passed as None."""
+        index = Path(model_name_or_path) / "model_index.json"
+        if not index.is_file():
+            return {}
+        entries = json.loads(index.read_text())
+        return {name: None for name, value in entries.items() if value == [None, None]}
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device) -> FlowPolicy:
+        self.pipeline.to(device)
+        return self
+
+    # --- prompts ---------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Embeddings of ``prompts`` on the policy's device; each distinct prompt is encoded once and cached
+        on the CPU, so the text encoders can leave the accelerator once a prompt set is encoded."""
+        missing = sorted({p for p in prompts if p not in self._embed_cache})
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode(missing)
+            for i, prompt in enumerate(missing):
+                self._embed_cache[prompt] = encoded[i : i + 1].to("cpu")
+        return PromptEmbeds.cat([self._embed_cache[p] for p in prompts]).to(self.device)
+
+    def offload_text_encoders(self, device="cpu") -> None:
+        """Move the text encoders off the accelerator (after the prompts are encoded and cached)."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                module.to(device)
+
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        raise NotImplementedError
+
+    # --- sampling -------------------------------------------------------------------------------------------
+    def sigma_schedule(self, num_steps: int) -> torch.Tensor:
+        """The ``num_steps + 1`` σ values (ending at 0) that the family's pipeline would use, float32 on CPU."""
+        scheduler = self.pipeline.scheduler.__class__.from_config(self.pipeline.scheduler.config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = self._dynamic_shift_mu()
+        scheduler.set_timesteps(num_steps, device="cpu", sigmas=self._base_sigmas(num_steps), **kwargs)
+        return scheduler.sigmas.float().cpu()
+
+    def _base_sigmas(self, num_steps: int) -> list[float] | None:
+        return None
+
+    def _dynamic_shift_mu(self) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipeline.scheduler.config
+        return calculate_shift(
+            self.image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_seq_len(self) -> int:
+        raise NotImplementedError
+
+    def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
+        """One sample's starting latent ``[1, ...]`` (float32 on CPU) drawn from ``generator``."""
+        raise NotImplementedError
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        embeds: PromptEmbeds,
+        model: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Velocity ``v ≈ ε − x₀`` at ``latents`` (``[B, ...]``), per-sample ``sigmas`` (``[B]``), float32.
+
+        ``model`` replaces the policy's transformer (e.g. the accelerate-wrapped one during training, or a
+        frozen reference); guidance is applied here, so rollouts and log-prob recomputation match.
+        """
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32), decoded in chunks."""
+        vae = self.pipeline.vae
+        images = []
+        with torch.no_grad():
+            for chunk in self._unpack(latents).split(self.decode_batch_size):
+                chunk = chunk.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+                images.append((vae.decode(chunk, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(images)
+
+    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    # --- LoRA and the KL reference ---------------------------------------------------------------------------
+    def add_lora(self, r: int, alpha: int, init: str = "gaussian", target_modules=None) -> list[torch.nn.Parameter]:
+        """Freeze the transformer and add a trainable LoRA adapter (peft); returns the trainable parameters."""
+        from peft import LoraConfig
+
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(
+            LoraConfig(
+                r=r,
+                lora_alpha=alpha,
+                init_lora_weights="gaussian" if init == "gaussian" else True,
+                target_modules=list(target_modules or self.default_lora_target_modules),
+            )
+        )
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
+        for param in trainable:  # the optimizer state and updates of adapter weights stay in float32
+            param.data = param.data.float()
+        return trainable
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
+
+    def lora_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model or self.transformer)
+
+    def save_lora(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter as ``pytorch_lora_weights.safetensors`` in the diffusers format, loadable with
+        ``pipeline.load_lora_weights(directory)``."""
+        self.pipeline_class.save_lora_weights(
+            str(directory), transformer_lora_layers=state_dict or self.lora_state_dict(), safe_serialization=True
+        )
+
+    def load_lora(self, directory: str | os.PathLike) -> None:
+        self.pipeline.load_lora_weights(str(directory))
+
+    def keep_frozen_reference(self) -> None:
+        """Full fine-tuning with KL: keep a frozen copy of the initial transformer as the reference."""
+        self._frozen_reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Yield the reference model for the KL term: the transformer with its LoRA adapter disabled (no second
+        copy of the weights), or the frozen copy kept for full fine-tuning."""
+        if self._frozen_reference is not None:
+            yield self._frozen_reference
+            return
+        if not self.has_lora:
+            raise RuntimeError("a KL reference needs a LoRA adapter or keep_frozen_reference()")
+        self.transformer.disable_adapters()
+        try:
+            yield self.transformer
+        finally:
+            self.transformer.enable_adapters()
+
+
+def check_model_location(model_name_or_path: str) -> None:
+    """Fail early, with the path in the message, for a local model path that does not exist. Hub ids
+    (``owner/name``) pass through to ``from_pretrained``."""
+    name = str(model_name_or_path)
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"model path {name!r} does not exist or is not a directory")
+
+
+def read_pipeline_class_name(model_name_or_path: str) -> str | None:
+    """The ``_class_name`` in a local pipeline's ``model_index.json``, or None for hub ids / missing files."""
+    index = Path(model_name_or_path) / "model_index.json"
+    if not index.is_file():
+        return None
+    return json.loads(index.read_text())["_class_name"]
+
+
+def expand_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Broadcast a ``[1, ...]`` tensor to ``[batch_size, ...]`` (a view)."""
+    return values.expand(batch_size, *values.shape[1:])
+
+
+def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+__all__ = [
+    "FlowPolicy",
+    "PromptEmbeds",
+    "classifier_free_guidance",
+    "expand_batch",
+    "read_pipeline_class_name",
+]

@@ -1,0 +1,42 @@
+"""Prompt sets: plain text (one prompt a line) or JSONL (a `prompt` key plus metadata passed to rewards)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHAPES_PREFIX = "shapes:"
+
+
+def load_prompts(source: str) -> list[dict]:
+    """Records ``{"prompt": str, **metadata}`` from a .txt/.jsonl file or a ShapesWorld set (``shapes:train``,
+    ``shapes:eval``). Raises ``ValueError`` naming the file (and line) for empty or malformed input."""
+    if source.startswith(SHAPES_PREFIX):
+        from .shapes.world import load_prompt_set
+
+        return load_prompt_set(source[len(SHAPES_PREFIX) :])
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source!r} does not exist")
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line]
+    if not lines:
+        raise ValueError(f"prompt file {source!r} holds no prompts")
+    if path.suffix != ".jsonl":
+        return [{"prompt": line} for _, line in lines]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"prompt file {source!r}, line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"prompt file {source!r}, line {n}: expected an object with a string `prompt`")
+        records.append(record)
+    return records
+
+
+def metadata_columns(records: list[dict]) -> dict[str, list]:
+    """Per-key lists of the records' metadata (every key but ``prompt``), the way rewards receive them."""
+    keys = sorted({key for record in records for key in record if key != "prompt"})
+    return {key: [record.get(key) for record in records] for key in keys}

@@ -1,0 +1,488 @@
+"""`TempFlowGRPOTrainer`: rollout → reward → advantage → loss → step, on top of accelerate.
+
+One training iteration: sample prompts, roll out (branched for TempFlow-GRPO, full SDE trajectories for
+Flow-GRPO), decode and score the samples, turn rewards into group-relative advantages, then take optimizer
+steps on the clipped GRPO loss over the rollout's transitions. Each stage is a method a subclass can override.
+Everything random derives from ``(seed, iteration, rank, ...)``, so a run resumed from a checkpoint continues
+exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .advantages import group_advantages
+from .config import TempFlowGRPOConfig
+from .loss import clipped_policy_loss, noise_aware_weights
+from .plots import plot_reward_curve, save_image_grid
+from .policies import FlowPolicy, load_policy
+from .prompts import load_prompts, metadata_columns
+from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
+from .sampling import sde_step_std, step_kl, stochastic_step
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """``shapes`` names the ShapesWorld pipeline shipped with tempflow; anything else passes through."""
+    if model_name_or_path == "shapes":
+        from .shapes import pipeline_path
+
+        return str(pipeline_path())
+    return model_name_or_path
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* checkpoint (one holding its trainer state) in ``output_dir``."""
+    complete = [
+        path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if path.is_dir() and (path / TRAINER_STATE).is_file() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+class TempFlowGRPOTrainer:
+    """Fine-tune a flow-matching text-to-image model with TempFlow-GRPO or Flow-GRPO.
+
+    Args:
+        config: the run's settings.
+        policy: a loaded :class:`~tempflow.policies.FlowPolicy`; default: loaded from ``config.model_name_or_path``.
+        reward_funcs: reward callables by name; default: resolved from ``config.reward_funcs``.
+        train_prompts / eval_prompts: prompt records (``{"prompt": ..., **metadata}``); default: loaded from
+            ``config.train_prompts`` / ``config.eval_prompts``.
+    """
+
+    def __init__(
+        self,
+        config: TempFlowGRPOConfig,
+        policy: FlowPolicy | None = None,
+        reward_funcs: dict | None = None,
+        train_prompts: list[dict] | None = None,
+        eval_prompts: list[dict] | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        from .rewards.combined import CombinedReward
+
+        self.config = config
+        self.train_prompts = train_prompts if train_prompts is not None else load_prompts(config.train_prompts)
+        if eval_prompts is None and config.eval_prompts not in (None, "", "none"):
+            eval_prompts = load_prompts(config.eval_prompts)
+        self.eval_prompts = (eval_prompts or [])[: config.num_eval_prompts]
+        if reward_funcs is None:
+            self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights, config.reward_error_policy)
+        else:
+            self.reward = CombinedReward(reward_funcs, config.reward_weights, config.reward_error_policy)
+        self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs) if config.eval_reward_funcs else None
+
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=config.output_dir,
+        )
+        set_seed(config.seed)
+        self.policy = policy or load_policy(
+            resolve_model_path(config.model_name_or_path),
+            family=config.model_family,
+            torch_dtype=_DTYPES[config.mixed_precision],
+            resolution=config.resolution,
+            guidance_scale=config.guidance_scale,
+        )
+        self.policy.to(self.accelerator.device)
+        self.trainable = self._setup_trainable()
+        optimizer = torch.optim.AdamW(
+            self.trainable,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.policy.transformer, optimizer)
+        self.ema = None
+        if config.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
+        if config.use_lora:
+            self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
+            self.accelerator.register_load_state_pre_hook(self._load_lora_hook)
+        self.engine = RolloutEngine(self.policy, config.noise_level, config.sde_type, config.rollout_batch_size)
+        self.step_fn = stochastic_step(config.sde_type)
+        self.sigmas = self.policy.sigma_schedule(config.num_inference_steps)
+        self.step_weights = self._step_weights()
+        self.history: list[dict] = []
+        self.evaluations: list[dict] = []
+        self.iteration = 0
+        self.skipped_steps = 0
+        if self.accelerator.is_main_process:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        if config.report_to != "none":
+            self.accelerator.init_trackers("tempflow", config={k: str(v) for k, v in asdict(config).items()})
+
+    # --- setup --------------------------------------------------------------------------------------------
+    def _setup_trainable(self) -> list[torch.nn.Parameter]:
+        config = self.config
+        if config.use_lora:
+            trainable = self.policy.add_lora(config.lora_r, config.lora_alpha, config.lora_init, config.lora_target_modules)
+        else:
+            if config.beta > 0:
+                self.policy.keep_frozen_reference()
+            self.policy.transformer.requires_grad_(True)
+            trainable = list(self.policy.transformer.parameters())
+        if config.gradient_checkpointing:
+            self.policy.transformer.enable_gradient_checkpointing()
+        return trainable
+
+    def _step_weights(self) -> torch.Tensor:
+        """Noise-aware weight of every step index (mean 1 over the configured trained steps); all 1 if off."""
+        steps = self.config.num_inference_steps
+        weights = torch.ones(steps)
+        if self.config.weighted:
+            trained = self._branch_step_pool() if self.config.branched else list(range(steps - 1))
+            index = torch.tensor(trained)
+            weights[index] = noise_aware_weights(self.sigmas[index], self.sigmas[index + 1], self.config.noise_level)
+        return weights
+
+    def _branch_step_pool(self) -> list[int]:
+        return sorted(self.config.branch_steps or range(self.config.num_inference_steps - 1))
+
+    # --- one iteration ------------------------------------------------------------------------------------
+    def _iteration_rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, self.iteration, *key])
+
+    def _sample_prompts(self) -> list[dict]:
+        rng = self._iteration_rng(1, self.accelerator.process_index)
+        count = self.config.prompts_per_iteration
+        index = rng.choice(len(self.train_prompts), size=count, replace=count > len(self.train_prompts))
+        return [self.train_prompts[i] for i in index]
+
+    def _trajectory_seed(self, *key: int) -> int:
+        return int(np.random.SeedSequence([self.config.seed, self.iteration, self.accelerator.process_index, *key])
+                   .generate_state(1)[0])
+
+    def rollout(self, prompts: list[dict]) -> tuple[Rollout, object]:
+        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO) or full trajectories."""
+        config = self.config
+        embeds = self.policy.encode_prompts([r["prompt"] for r in prompts])
+        if config.branched:
+            k = config.seeds_per_prompt
+            prompt_index = [p for p in range(len(prompts)) for _ in range(k)]
+            seeds = [self._trajectory_seed(p, s) for p in range(len(prompts)) for s in range(k)]
+            steps = self._branch_step_pool()
+            if config.num_branch_steps_per_iteration:
+                rng = self._iteration_rng(2)
+                steps = sorted(rng.choice(steps, size=config.num_branch_steps_per_iteration, replace=False).tolist())
+            rollout = self.engine.branched(
+                embeds, prompt_index, seeds, config.num_inference_steps, steps, config.num_generations,
+                config.child_num_inference_steps,
+            )
+            if config.advantage_group == "prompt":  # siblings of all seeds of a prompt, per branch step
+                trajectory = rollout.sample_group // len(steps)
+                rollout.sample_group = (trajectory // k) * len(steps) + rollout.sample_group % len(steps)
+            return rollout, embeds
+        g = config.num_generations
+        prompt_index = [p for p in range(len(prompts)) for _ in range(g)]
+        seeds = [self._trajectory_seed(p, j) for p in range(len(prompts)) for j in range(g)]
+        window = None
+        if config.sde_window_size:
+            first, last = config.sde_window_range or (0, config.num_inference_steps - 1 - config.sde_window_size)
+            window = (int(self._iteration_rng(3).integers(first, last + 1)), config.sde_window_size)
+        rollout = self.engine.trajectories(embeds, prompt_index, seeds, prompt_index, config.num_inference_steps, window)
+        return rollout, embeds
+
+    def score(self, images: torch.Tensor, prompts: list[dict]) -> tuple[torch.Tensor, dict]:
+        """Total reward ``[S]`` and its components for decoded samples of the given prompt records."""
+        return self.reward(images, [r["prompt"] for r in prompts], **metadata_columns(prompts))
+
+    def compute_advantages(self, rollout: Rollout, rewards: torch.Tensor) -> None:
+        """Group-relative advantages per scored sample, copied onto the transitions with their step weights."""
+        config = self.config
+        advantages = group_advantages(rewards, rollout.sample_group, config.scale_rewards, clip=config.adv_clip_max)
+        rows = rollout.transitions
+        device = rows.log_probs.device
+        rows.advantages = advantages.to(device)[rows.sample_index.to(device)]
+        rows.weights = self.step_weights.to(device)[rows.step_index.to(device)]
+
+    def compute_loss(self, rows: Transitions, embeds) -> tuple[torch.Tensor, dict]:
+        """Clipped GRPO loss of a micro-batch of transitions, with the KL term when ``beta > 0``."""
+        config = self.config
+        device = self.accelerator.device
+        latents, sigmas, sigmas_next = rows.latents.to(device), rows.sigmas.to(device), rows.sigmas_next.to(device)
+        row_embeds = embeds[rows.prompt_index.to(embeds.tensors["prompt_embeds"].device)]
+        velocity = self.policy.velocity(latents, sigmas, row_embeds, model=self.model)
+        out = self.step_fn(latents, velocity, sigmas, sigmas_next, config.noise_level, next_latents=rows.next_latents)
+        loss, stats = clipped_policy_loss(out.log_prob, rows.log_probs, rows.advantages, config.epsilon, rows.weights)
+        stats["policy_loss"] = loss.detach()
+        if config.beta > 0:
+            with torch.no_grad(), self.policy.reference() as reference:
+                reference_velocity = self.policy.velocity(latents, sigmas, row_embeds, model=reference)
+                reference_mean = self.step_fn(latents, reference_velocity, sigmas, sigmas_next, config.noise_level,
+                                              next_latents=rows.next_latents).mean
+            std = sde_step_std(sigmas, sigmas_next, config.noise_level) if config.sde_type == "sde" else out.std
+            kl = step_kl(out.mean, reference_mean, std).mean()
+            loss = loss + config.beta * kl
+            stats["kl"] = kl.detach()
+        return loss, stats
+
+    def optimize(self, rollout: Rollout, embeds) -> dict:
+        """``num_iterations`` passes over the rollout's transitions in micro-batches; one optimizer step per
+        ``gradient_accumulation_steps`` micro-batches (each step's gradient is the mean over its rows)."""
+        config = self.config
+        rows = rollout.transitions
+        stats_sum: dict[str, float] = {}
+        count = optimizer_steps = 0
+        grad_norms = []
+        for epoch in range(config.num_iterations):
+            order = torch.randperm(len(rows), generator=seeded_generator(config.seed, self.iteration, 4, epoch))
+            micro_batches = order.split(config.per_device_train_batch_size)
+            for first in range(0, len(micro_batches), config.gradient_accumulation_steps):
+                group = micro_batches[first : first + config.gradient_accumulation_steps]
+                group_rows = sum(len(mb) for mb in group)
+                for k, index in enumerate(group):
+                    sync = k == len(group) - 1
+                    with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)), \
+                            self.accelerator.autocast():
+                        loss, stats = self.compute_loss(rows.select(index), embeds)
+                        self.accelerator.backward(loss * len(index) / group_rows)
+                    for key, value in stats.items():
+                        stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
+                    count += 1
+                grad_norm = self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                if not torch.isfinite(torch.as_tensor(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped_steps += 1
+                    continue
+                grad_norms.append(float(grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.step(self.trainable)
+                optimizer_steps += 1
+        metrics = {f"train/{k}": v / max(count, 1) for k, v in stats_sum.items()}
+        metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
+        metrics["train/optimizer_steps"] = optimizer_steps
+        metrics["train/skipped_steps"] = self.skipped_steps
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def training_step(self) -> dict:
+        """One iteration: rollout, decode and score, advantages, optimizer steps. Returns its metrics."""
+        start = time.perf_counter()
+        prompts = self._sample_prompts()
+        self.policy.transformer.eval()
+        rollout, embeds = self.rollout(prompts)
+        images = self.policy.decode(rollout.final_latents)
+        sample_prompts = [prompts[i] for i in rollout.sample_prompt_index.tolist()]
+        rewards, components = self.score(images, sample_prompts)
+        self.compute_advantages(rollout, rewards)
+        rollout_time = time.perf_counter() - start
+        self.policy.transformer.train()
+        metrics = self.optimize(rollout, embeds)
+        gathered = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+        valid = gathered[torch.isfinite(gathered)]
+        metrics.update({
+            "iteration": self.iteration,
+            "reward/mean": float(valid.mean()) if len(valid) else math.nan,
+            "reward/std": float(valid.std(unbiased=False)) if len(valid) else math.nan,
+            "reward/count": int(len(gathered)),
+            "reward/skipped": int(len(gathered) - len(valid)),
+            "advantage/abs_mean": float(rollout.transitions.advantages.abs().mean()),
+            "rollout/model_evals": rollout.num_model_evals,
+            "rollout/seconds": rollout_time,
+            "iteration/seconds": time.perf_counter() - start,
+            "images_per_second": len(images) / rollout_time,
+        })
+        for name, values in components.items():
+            finite = values[torch.isfinite(values)]
+            metrics[f"reward/{name}"] = float(finite.mean()) if len(finite) else math.nan
+        return metrics
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run until ``max_steps`` iterations, evaluating, logging and checkpointing on the way. Returns the
+        final metrics (also written to ``metrics.json``)."""
+        config = self.config
+        self._maybe_resume()
+        if self.iteration == 0 and self.eval_prompts:
+            self._record_evaluation(self.evaluate("before"))
+        bar = tqdm(range(self.iteration, config.max_steps), initial=self.iteration, total=config.max_steps,
+                   desc="training", disable=config.disable_progress_bar or not self.accelerator.is_local_main_process)
+        for _ in bar:
+            metrics = self.training_step()
+            self.history.append(metrics)
+            self.iteration += 1
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['train/approx_kl']:.2e}")
+            if self.iteration % config.logging_steps == 0:
+                self._log(metrics)
+            if config.eval_steps and self.iteration % config.eval_steps == 0 and self.iteration < config.max_steps:
+                self._record_evaluation(self.evaluate(f"iteration-{self.iteration}"))
+            if self.iteration % config.save_steps == 0 or self.iteration == config.max_steps:
+                self.save_checkpoint()
+        final = self.evaluate("after") if self.eval_prompts else {}
+        if final:
+            self._record_evaluation(final)
+        self.save_model(config.output_dir)
+        return self._write_summary(final)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable)
+        self.ema.copy_to(self.trainable)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable)
+
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict:
+        """ODE samples (``eval_num_inference_steps``) of the held-out prompts, scored with the training and
+        evaluation rewards; writes a captioned grid ``samples/{tag}.png``. Prompts are sharded over processes."""
+        config = self.config
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shard = self.eval_prompts[rank::world]
+        self.policy.transformer.eval()
+        with self._ema_weights():
+            embeds = self.policy.encode_prompts([r["prompt"] for r in shard])
+            seeds = [int(np.random.SeedSequence([config.seed, 7, rank + i * world]).generate_state(1)[0])
+                     for i in range(len(shard))]
+            latents = self.engine.sample(embeds, list(range(len(shard))), seeds, config.eval_num_inference_steps)
+            images = self.policy.decode(latents)
+        rewards, components = self.score(images, shard)
+        if self.eval_reward is not None:
+            components.update(self.eval_reward(images, [r["prompt"] for r in shard], **metadata_columns(shard))[1])
+        results = {"iteration": self.iteration, "eval/reward": self._global_mean(rewards)}
+        results.update({f"eval/{name}": self._global_mean(values) for name, values in components.items()})
+        if self.accelerator.is_main_process:
+            samples_dir = Path(config.output_dir) / "samples"
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            save_image_grid(images[:16], [r["prompt"] for r in shard[:16]], samples_dir / f"{tag}.png")
+        return results
+
+    def _global_mean(self, values: torch.Tensor) -> float:
+        values = values.to(self.accelerator.device)
+        finite = torch.isfinite(values)
+        totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().float()])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def _record_evaluation(self, results: dict) -> None:
+        self.evaluations.append(results)
+        self._log(results)
+
+    def _log(self, metrics: dict) -> None:
+        if self.config.report_to != "none":
+            self.accelerator.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+        if self.accelerator.is_main_process:
+            with open(Path(self.config.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def _write_summary(self, final: dict) -> dict:
+        summary = {
+            "iterations": self.iteration,
+            "skipped_steps": self.skipped_steps,
+            "evaluations": self.evaluations,
+            "final": final,
+            "history": self.history,
+        }
+        if self.accelerator.is_main_process:
+            output = Path(self.config.output_dir)
+            (output / "metrics.json").write_text(json.dumps(summary, indent=2))
+            if self.history:
+                plot_reward_curve(self.history, output / "reward_curve.png", self.evaluations)
+        self.accelerator.end_training()
+        return summary
+
+    # --- weights and checkpoints --------------------------------------------------------------------------
+    def save_model(self, directory: str | Path) -> None:
+        """Export the trained weights: LoRA in the diffusers format (``pipeline.load_lora_weights(directory)``),
+        or the full transformer with ``save_pretrained``. Uses the EMA weights when EMA is on."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        with self._ema_weights():
+            if self.config.use_lora:
+                self.policy.save_lora(directory, self.policy.lora_state_dict(model))
+            else:
+                model.save_pretrained(Path(directory) / "transformer")
+
+    def _save_lora_hook(self, models, weights, output_dir) -> None:
+        if self.accelerator.is_main_process:
+            for model in models:
+                self.policy.save_lora(output_dir, self.policy.lora_state_dict(self.accelerator.unwrap_model(model)))
+        weights.clear()  # accelerate then writes no full copy of the (frozen) transformer
+
+    def _load_lora_hook(self, models, input_dir) -> None:
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+
+        state = self.policy.pipeline_class.lora_state_dict(input_dir)
+        state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
+            if result.unexpected_keys:
+                raise RuntimeError(f"checkpoint {input_dir} has LoRA keys this model lacks: {result.unexpected_keys[:5]}")
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-{iteration}`` atomically: to a temporary directory, then renamed; keeps the newest
+        ``save_total_limit``. A crash mid-write leaves only a temporary directory, which resume ignores."""
+        output = Path(self.config.output_dir)
+        final = output / f"{CHECKPOINT_PREFIX}{self.iteration}"
+        temporary = output / f".tmp-{CHECKPOINT_PREFIX}{self.iteration}"
+        if self.accelerator.is_main_process and temporary.exists():
+            shutil.rmtree(temporary)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary))
+        if self.accelerator.is_main_process:
+            state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps, "history": self.history,
+                     "evaluations": self.evaluations}
+            (temporary / TRAINER_STATE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            self._prune_checkpoints(output)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self, output: Path) -> None:
+        complete = sorted(
+            (p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+            key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
+        )
+        for path in complete[: -self.config.save_total_limit]:
+            shutil.rmtree(path)
+
+    def _maybe_resume(self) -> None:
+        target = self.config.resume_from_checkpoint
+        if not target:
+            return
+        path = find_latest_checkpoint(self.config.output_dir) if target == "latest" else Path(target)
+        if path is None:
+            return  # `latest` with nothing saved yet: a fresh start
+        if not (path / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete tempflow checkpoint (no {TRAINER_STATE})")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / TRAINER_STATE).read_text())
+        self.iteration = state["iteration"]
+        self.skipped_steps = state["skipped_steps"]
+        self.history = state["history"]
+        self.evaluations = state["evaluations"]

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random SD3 and FLUX pipelines saved once per session and loaded through the real
+``from_pretrained`` path, wrapped in their policies."""
+
+import pytest
+import torch
+
+from tempflow.policies import load_policy
+from tempflow.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, save_tiny_pipeline
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_sd3_pipeline(seed=0, with_t5=True), tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_flux_pipeline(seed=0), tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture
+def sd3_policy(tiny_sd3_dir):
+    return load_policy(tiny_sd3_dir, resolution=64, guidance_scale=4.5, max_sequence_length=16)
+
+
+@pytest.fixture
+def flux_policy(tiny_flux_dir):
+    return load_policy(tiny_flux_dir, resolution=64, guidance_scale=3.5, max_sequence_length=16)
+
+
+@pytest.fixture(params=["sd3-cfg", "sd3-nocfg", "flux"])
+def any_policy(request, tiny_sd3_dir, tiny_flux_dir):
+    if request.param == "flux":
+        return load_policy(tiny_flux_dir, resolution=64, guidance_scale=3.5, max_sequence_length=16)
+    scale = 4.5 if request.param == "sd3-cfg" else 1.0
+    return load_policy(tiny_sd3_dir, resolution=64, guidance_scale=scale, max_sequence_length=16)
