@@ -1,7 +1,9 @@
-"""The `tempflow` command line: thin wrappers that parse a config, build the parts and run them.
+"""The `tempflow` command line: thin wrappers that parse arguments, build the parts and run them.
 
-    tempflow train RECIPE.yaml [--key value ...]
-    accelerate launch -m tempflow.cli train RECIPE.yaml [--key value ...]
+    tempflow train RECIPE.yaml [--key value ...]       fine-tune (also: accelerate launch -m tempflow.cli train ...)
+    tempflow eval [--model M] [--lora DIR] ...         score a model (+ LoRA) on a prompt set
+    tempflow sample --prompt "..." [--lora DIR] ...    generate images
+    tempflow pretrain-shapes                           rebuild the ShapesWorld pipeline
 """
 
 from __future__ import annotations
@@ -38,6 +40,82 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
     return summary
 
 
+def _load_for_sampling(args):
+    from .policies import load_policy
+    from .rollout import RolloutEngine
+    from .trainer import resolve_model_path
+
+    policy = load_policy(
+        resolve_model_path(args.model),
+        resolution=args.resolution,
+        guidance_scale=args.guidance_scale,
+        max_sequence_length=args.max_sequence_length,
+    )
+    if args.lora:
+        if not Path(args.lora, "pytorch_lora_weights.safetensors").is_file():
+            raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in LoRA directory {args.lora!r}")
+        policy.load_lora(args.lora)
+    return policy, RolloutEngine(policy, noise_level=0.0, batch_size=args.batch_size)
+
+
+def evaluate(args) -> dict:
+    """Score ODE samples of a prompt set with rewards; write eval.json and a grid into --output."""
+    import json
+
+    from .evaluation import evaluation_seeds, sample_images, score_images
+    from .plots import save_image_grid
+    from .prompts import load_prompts
+    from .rewards.combined import CombinedReward
+
+    records = load_prompts(args.prompts)[: args.limit]
+    reward = CombinedReward.from_names(args.rewards)
+    policy, engine = _load_for_sampling(args)
+    images = sample_images(policy, engine, records, evaluation_seeds(args.seed, list(range(len(records)))),
+                           args.num_steps)
+    _, components = score_images(reward, images, records)
+    results = {name: float(values.nanmean()) for name, values in components.items()}
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),
+               "num_steps": args.num_steps, "guidance_scale": args.guidance_scale, "rewards": results}
+    (output / "eval.json").write_text(json.dumps(summary, indent=2))
+    save_image_grid(images[:16], [r["prompt"] for r in records[:16]], output / "eval_grid.png")
+    for name, value in results.items():
+        print(f"{name}: {value:.4f}")
+    return summary
+
+
+def sample(args) -> None:
+    """Generate one image per prompt and save them as PNG files (and a grid)."""
+    from .evaluation import evaluation_seeds, sample_images
+    from .plots import save_image_grid
+    from .prompts import load_prompts
+    from .rewards import to_pil
+
+    records = [{"prompt": p} for p in args.prompt] if args.prompt else load_prompts(args.prompts)[: args.limit]
+    policy, engine = _load_for_sampling(args)
+    images = sample_images(policy, engine, records, evaluation_seeds(args.seed, list(range(len(records)))),
+                           args.num_steps)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(to_pil(images)):
+        image.save(output / f"{i:04d}.png")
+    save_image_grid(images, [r["prompt"] for r in records], output / "grid.png")
+    print(f"wrote {len(records)} images and grid.png to {output}")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="shapes", help="pipeline directory or hub id (default: shapes)")
+    parser.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors")
+    parser.add_argument("--num-steps", type=int, default=20, help="ODE steps (default 20)")
+    parser.add_argument("--guidance-scale", type=float, default=4.5, help="CFG / guidance scale (default 4.5)")
+    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt")
+    parser.add_argument("--batch-size", type=int, default=64, help="latents per transformer call")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+
+
 def _config_help() -> str:
     from trl import TrlParser
 
@@ -58,6 +136,31 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_parser.add_argument("recipe", nargs="?", help="YAML recipe (fields of TempFlowGRPOConfig)")
+    eval_parser = commands.add_parser(
+        "eval", help="score a model (and LoRA) on a prompt set",
+        description="Sample the prompts with the ODE and score them; writes eval.json and eval_grid.png.",
+        epilog="example: tempflow eval --lora outputs/shapes --rewards shapes shapes_strict",
+    )
+    _add_sampling_arguments(eval_parser)
+    eval_parser.add_argument("--prompts", default="shapes:eval", help="prompt file or shapes:eval (default)")
+    eval_parser.add_argument("--rewards", nargs="+", default=["shapes", "shapes_strict"], help="reward names")
+    eval_parser.add_argument("--output", default="outputs/eval", help="output directory")
+    sample_parser = commands.add_parser(
+        "sample", help="generate images from a model (and LoRA)",
+        epilog='example: tempflow sample --prompt "a photo of a red circle" --lora outputs/shapes',
+    )
+    _add_sampling_arguments(sample_parser)
+    sample_parser.add_argument("--prompt", nargs="+", help="prompt text(s)")
+    sample_parser.add_argument("--prompts", default="shapes:eval", help="prompt file, used without --prompt")
+    sample_parser.add_argument("--output", default="outputs/samples", help="output directory")
+    commands.add_parser("pretrain-shapes", help="pretrain the ShapesWorld pipeline (see --help)", add_help=False)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["pretrain-shapes"]:
+        from .shapes.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:]) or 0
     args, overrides = parser.parse_known_args(argv)
     from .rewards.combined import RewardError
 
@@ -65,9 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
         train_parser.print_help()
         return 0
+    if args.command != "train" and overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         if args.command == "train":
             train(args.recipe, overrides)
+        elif args.command == "eval":
+            evaluate(args)
+        elif args.command == "sample":
+            sample(args)
     except (ValueError, FileNotFoundError, RewardError) as err:
         print(f"tempflow: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

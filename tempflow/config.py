@@ -40,6 +40,9 @@ class TempFlowGRPOConfig:
         "CFG scale for SD3 (in rollouts and log-prob recomputation alike); guidance embedding for FLUX.",
         default=4.5,
     )
+    max_sequence_length: int | None = _help(
+        "T5 tokens per prompt; default the family's (SD3 256, FLUX 512).", default=None
+    )
     mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
 
     # --- sampling ---
@@ -183,7 +186,7 @@ class TempFlowGRPOConfig:
             "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
             "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "epsilon",
             "adv_clip_max", "sde_window_size", "num_branch_steps_per_iteration", "child_num_inference_steps",
-            "eval_steps", "num_eval_prompts",
+            "eval_steps", "num_eval_prompts", "max_sequence_length",
         )
         if self.num_generations < 2:
             reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from .advantages import group_advantages
 from .config import TempFlowGRPOConfig
+from .evaluation import evaluation_seeds, sample_images, score_images
 from .loss import clipped_policy_loss, noise_aware_weights
 from .plots import plot_reward_curve, save_image_grid
 from .policies import FlowPolicy, load_policy
-from .prompts import load_prompts, metadata_columns
+from .prompts import load_prompts
 from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
 from .sampling import sde_step_std, step_kl, stochastic_step
 
@@ -101,6 +102,7 @@ class TempFlowGRPOTrainer:
             torch_dtype=_DTYPES[config.mixed_precision],
             resolution=config.resolution,
             guidance_scale=config.guidance_scale,
+            max_sequence_length=config.max_sequence_length,
         )
         self.policy.to(self.accelerator.device)
         self.trainable = self._setup_trainable()
@@ -205,10 +207,6 @@ class TempFlowGRPOTrainer:
         rollout = self.engine.trajectories(embeds, prompt_index, seeds, prompt_index, config.num_inference_steps, window)
         return rollout, embeds
 
-    def score(self, images: torch.Tensor, prompts: list[dict]) -> tuple[torch.Tensor, dict]:
-        """Total reward ``[S]`` and its components for decoded samples of the given prompt records."""
-        return self.reward(images, [r["prompt"] for r in prompts], **metadata_columns(prompts))
-
     def compute_advantages(self, rollout: Rollout, rewards: torch.Tensor) -> None:
         """Group-relative advantages per scored sample, copied onto the transitions with their step weights."""
         config = self.config
@@ -288,7 +286,7 @@ class TempFlowGRPOTrainer:
         rollout, embeds = self.rollout(prompts)
         images = self.policy.decode(rollout.final_latents)
         sample_prompts = [prompts[i] for i in rollout.sample_prompt_index.tolist()]
-        rewards, components = self.score(images, sample_prompts)
+        rewards, components = score_images(self.reward, images, sample_prompts)
         self.compute_advantages(rollout, rewards)
         rollout_time = time.perf_counter() - start
         self.policy.transformer.train()
@@ -360,14 +358,11 @@ class TempFlowGRPOTrainer:
         shard = self.eval_prompts[rank::world]
         self.policy.transformer.eval()
         with self._ema_weights():
-            embeds = self.policy.encode_prompts([r["prompt"] for r in shard])
-            seeds = [int(np.random.SeedSequence([config.seed, 7, rank + i * world]).generate_state(1)[0])
-                     for i in range(len(shard))]
-            latents = self.engine.sample(embeds, list(range(len(shard))), seeds, config.eval_num_inference_steps)
-            images = self.policy.decode(latents)
-        rewards, components = self.score(images, shard)
+            seeds = evaluation_seeds(config.seed, list(range(rank, len(self.eval_prompts), world)))
+            images = sample_images(self.policy, self.engine, shard, seeds, config.eval_num_inference_steps)
+        rewards, components = score_images(self.reward, images, shard)
         if self.eval_reward is not None:
-            components.update(self.eval_reward(images, [r["prompt"] for r in shard], **metadata_columns(shard))[1])
+            components.update(score_images(self.eval_reward, images, shard)[1])
         results = {"iteration": self.iteration, "eval/reward": self._global_mean(rewards)}
         results.update({f"eval/{name}": self._global_mean(values) for name, values in components.items()})
         if self.accelerator.is_main_process:

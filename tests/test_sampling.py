@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from tempflow.sampling import cps_step, gaussian_log_prob, ode_step, sde_noise_scale, sde_step, sde_step_std, step_kl
+from tempflow.sampling import (
+    cps_step,
+    gaussian_log_prob,
+    ode_step,
+    sde_noise_scale,
+    sde_step,
+    sde_step_std,
+    step_kl,
+)
 
 
 def _batch(b=3, seed=0):

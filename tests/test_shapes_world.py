@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import tempflow.rewards as rewards
 import torch
 
+import tempflow.rewards as rewards
 from tempflow.shapes.detector import detect, partial_score, strict_score
 from tempflow.shapes.world import (
     BACKGROUND,

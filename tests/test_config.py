@@ -1,0 +1,62 @@
+"""Config validation, YAML recipes and CLI overrides (the TrlParser way)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tempflow.cli import _parse_config
+from tempflow.config import TempFlowGRPOConfig
+
+RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    config = _parse_config(str(recipe), [])
+    assert isinstance(config, TempFlowGRPOConfig)
+    assert yaml.safe_load(recipe.read_text())["algorithm"] == config.algorithm
+
+
+def test_cli_overrides_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_generations: 4\nbeta: 0.02\n")
+    config = _parse_config(str(recipe), ["--beta", "0.5", "--branch_steps", "0", "2"])
+    assert (config.num_generations, config.beta, config.branch_steps) == (4, 0.5, [0, 2])
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"algorithm": "ppo"}, "algorithm"),
+        ({"num_generations": 1}, "num_generations"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"branch_steps": [9]}, "branch_steps"),
+        ({"num_branch_steps_per_iteration": 20}, "num_branch_steps_per_iteration"),
+        ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
+        ({"sde_window_size": 2}, "sde_window_size"),
+        ({"algorithm": "flow_grpo", "sde_window_size": 3, "sde_window_range": [0, 8]}, "sde_window_range"),
+        ({"noise_level": 1.5}, "noise_level"),
+        ({"scale_rewards": "std"}, "scale_rewards"),
+    ],
+)
+def test_impossible_values_name_the_field(values, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        TempFlowGRPOConfig(**values)
+
+
+def test_unknown_keys_are_rejected_by_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key.*learning_rat"):
+        TempFlowGRPOConfig.from_dict({"learning_rat": 1e-4})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        _parse_config(str(recipe), [])
+
+
+def test_algorithm_switches():
+    assert TempFlowGRPOConfig().branched and TempFlowGRPOConfig().weighted
+    flow = TempFlowGRPOConfig(algorithm="flow_grpo")
+    assert not flow.branched and not flow.weighted
+    ablation = TempFlowGRPOConfig(branching=False)
+    assert not ablation.branched and ablation.weighted
