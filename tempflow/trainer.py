@@ -32,7 +32,7 @@ from .plots import plot_reward_curve, save_image_grid
 from .policies import FlowPolicy, load_policy
 from .prompts import load_prompts
 from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
-from .sampling import sde_step_std, step_kl, stochastic_step
+from .sampling import step_kl, stochastic_step
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -231,8 +231,7 @@ class TempFlowGRPOTrainer:
                 reference_velocity = self.policy.velocity(latents, sigmas, row_embeds, model=reference)
                 reference_mean = self.step_fn(latents, reference_velocity, sigmas, sigmas_next, config.noise_level,
                                               next_latents=rows.next_latents).mean
-            std = sde_step_std(sigmas, sigmas_next, config.noise_level) if config.sde_type == "sde" else out.std
-            kl = step_kl(out.mean, reference_mean, std).mean()
+            kl = step_kl(out.mean, reference_mean, out.std).mean()
             loss = loss + config.beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
@@ -283,7 +282,8 @@ class TempFlowGRPOTrainer:
         start = time.perf_counter()
         prompts = self._sample_prompts()
         self.policy.transformer.eval()
-        rollout, embeds = self.rollout(prompts)
+        with self.accelerator.autocast():  # the same precision as the log-prob recomputation, or ratio ≠ 1
+            rollout, embeds = self.rollout(prompts)
         images = self.policy.decode(rollout.final_latents)
         sample_prompts = [prompts[i] for i in rollout.sample_prompt_index.tolist()]
         rewards, components = score_images(self.reward, images, sample_prompts)
@@ -357,7 +357,7 @@ class TempFlowGRPOTrainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard = self.eval_prompts[rank::world]
         self.policy.transformer.eval()
-        with self._ema_weights():
+        with self._ema_weights(), self.accelerator.autocast():
             seeds = evaluation_seeds(config.seed, list(range(rank, len(self.eval_prompts), world)))
             images = sample_images(self.policy, self.engine, shard, seeds, config.eval_num_inference_steps)
         rewards, components = score_images(self.reward, images, shard)

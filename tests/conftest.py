@@ -36,3 +36,13 @@ def any_policy(request, tiny_sd3_dir, tiny_flux_dir):
         return load_policy(tiny_flux_dir, resolution=64, guidance_scale=3.5, max_sequence_length=16)
     scale = 4.5 if request.param == "sd3-cfg" else 1.0
     return load_policy(tiny_sd3_dir, resolution=64, guidance_scale=scale, max_sequence_length=16)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one global state per process; each test builds its own trainer and precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -133,3 +133,35 @@ def test_training_raises_the_reward(tiny_sd3_dir, tmp_path):
     assert after > before + 0.005
     train = [h["reward/mean"] for h in summary["history"]]
     assert sum(train[-5:]) / 5 > sum(train[:5]) / 5
+
+
+def test_rollout_options_seeds_subsets_and_prompt_groups(tiny_sd3_dir, tmp_path):
+    config = _config(tiny_sd3_dir, tmp_path, seeds_per_prompt=2, num_branch_steps_per_iteration=2,
+                     child_num_inference_steps=1, advantage_group="prompt")
+    trainer = _trainer(config)
+    rollout, _ = trainer.rollout(trainer._sample_prompts())
+    trajectories, g = 2 * 2, 3
+    assert rollout.num_model_evals == trajectories * (4 + g * 2)  # children finish in one ODE step
+    assert len(rollout.final_latents) == trajectories * 2 * g
+    assert len(set(rollout.transitions.step_index.tolist())) == 2
+    # prompt groups: both seeds of a prompt share a group at each branch step
+    groups = rollout.sample_group.reshape(trajectories, 2, g)
+    assert torch.equal(groups[0], groups[1]) and not torch.equal(groups[0], groups[2])
+
+
+def test_bf16_and_gradient_checkpointing_train(tiny_sd3_dir, tmp_path):
+    config = _config(tiny_sd3_dir, tmp_path, mixed_precision="bf16", gradient_checkpointing=True, max_steps=1)
+    trainer = _trainer(config)
+    assert trainer.policy.transformer.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.trainable)
+    with trainer.accelerator.autocast():
+        rollout, embeds = trainer.rollout(trainer._sample_prompts())
+        trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
+        with torch.no_grad():
+            _, stats = trainer.compute_loss(rollout.transitions, embeds)
+    # bf16 kernels may round differently for other batch shapes; the rollout's precision must still match
+    assert abs(stats["ratio_min"].item() - 1) < 1e-3 and abs(stats["ratio_max"].item() - 1) < 1e-3
+    before = [p.detach().clone() for p in trainer.trainable]
+    metrics = trainer.training_step()
+    assert math.isfinite(metrics["train/policy_loss"]) and metrics["train/optimizer_steps"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))
