@@ -31,7 +31,10 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
     from .trainer import TempFlowGRPOTrainer
 
     config = _parse_config(recipe, overrides)
-    summary = TempFlowGRPOTrainer(config).train()
+    trainer = TempFlowGRPOTrainer(config)
+    summary = trainer.train()
+    if not trainer.accelerator.is_main_process:
+        return summary
     final = summary.get("final", {})
     print(f"done: {summary['iterations']} iterations; outputs in {config.output_dir}")
     for key, value in final.items():

@@ -275,7 +275,15 @@ class TempFlowGRPOTrainer:
         metrics["train/optimizer_steps"] = optimizer_steps
         metrics["train/skipped_steps"] = self.skipped_steps
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.accelerator.num_processes > 1:
+            metrics["train/rank_weight_divergence"] = self._rank_weight_divergence()
         return metrics
+
+    def _rank_weight_divergence(self) -> float:
+        """Spread across processes of a fingerprint of the trainable weights: 0 while ranks stay in sync."""
+        fingerprint = torch.stack([sum(p.detach().double().pow(2).sum() for p in self.trainable)]).float()
+        gathered = self.accelerator.gather(fingerprint.to(self.accelerator.device))
+        return float(gathered.max() - gathered.min())
 
     def training_step(self) -> dict:
         """One iteration: rollout, decode and score, advantages, optimizer steps. Returns its metrics."""
@@ -306,8 +314,7 @@ class TempFlowGRPOTrainer:
             "images_per_second": len(images) / rollout_time,
         })
         for name, values in components.items():
-            finite = values[torch.isfinite(values)]
-            metrics[f"reward/{name}"] = float(finite.mean()) if len(finite) else math.nan
+            metrics[f"reward/{name}"] = self._global_mean(values)
         return metrics
 
     # --- the loop -----------------------------------------------------------------------------------------
