@@ -27,6 +27,13 @@ class SD3Policy(FlowPolicy):
         )
         return PromptEmbeds({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled})
 
+    def _negative_embeds(self) -> PromptEmbeds:
+        """The empty prompt's embeddings (CFG's unconditional branch), kept on the device after first use."""
+        cached = getattr(self, "_negative", None)
+        if cached is None or cached.tensors["prompt_embeds"].device != self.device:
+            self._negative = cached = self.encode_prompts([""])
+        return cached
+
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
@@ -51,7 +58,7 @@ class SD3Policy(FlowPolicy):
         context, pooled = embeds.tensors["prompt_embeds"], embeds.tensors["pooled_prompt_embeds"]
         model_input = latents
         if self.do_cfg:
-            negative = self.encode_prompts([""])
+            negative = self._negative_embeds()
             context = torch.cat([expand_batch(negative.tensors["prompt_embeds"], batch), context])
             pooled = torch.cat([expand_batch(negative.tensors["pooled_prompt_embeds"], batch), pooled])
             model_input = torch.cat([latents, latents])

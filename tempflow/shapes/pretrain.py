@@ -65,6 +65,7 @@ SCHEDULER_SHIFT = 3.0
 CAPTION_DROPOUT = 0.1
 VAE_KL_WEIGHT = 1e-6
 EMA_DECAY = 0.999
+MAX_SCENE_POOL = 16384  # encoded scenes the transformer trains on
 RECOMMENDED_GUIDANCE_SCALE = 4.5
 RECOMMENDED_NUM_STEPS = 20
 
@@ -327,6 +328,22 @@ def sample_sigmas(batch_size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(batch_size, generator=generator))
 
 
+@torch.no_grad()
+def encode_scene_pool(
+    vae: AutoencoderKL, scenes: SceneStream, pool_size: int, device: str, progress: bool = True
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Render and encode ``pool_size`` scenes once: their prompts and the mean and std of their latent
+    posteriors. Encoding every training batch afresh would cost as much as the transformer step itself."""
+    prompts, means, stds = [], [], []
+    for start in _progress(range(0, pool_size, 64), "encoding scenes", progress):
+        batch_prompts, images = scenes.next_batch(min(64, pool_size - start))
+        posterior = vae.encode(images.to(device)).latent_dist
+        prompts += batch_prompts
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return prompts, torch.cat(means), torch.cat(stds)
+
+
 def train_transformer(
     pipeline: StableDiffusion3Pipeline,
     scenes: SceneStream,
@@ -334,29 +351,33 @@ def train_transformer(
     batch_size: int,
     device: str,
     seed: int,
+    pool_size: int = 16384,
     lr: float = 5e-4,
     progress: bool = True,
 ) -> tuple[SD3Transformer2DModel, dict]:
-    """Rectified-flow training of ``pipeline.transformer``; returns its EMA copy and the final smoothed loss."""
+    """Rectified-flow training of ``pipeline.transformer`` on a pool of encoded scenes (a fresh posterior
+    sample each time a scene is drawn); returns the EMA copy of the transformer and the final smoothed loss."""
     transformer, vae = pipeline.transformer, pipeline.vae
-    prompts = sorted({entry["prompt"] for entry in scenes.entries} | {""})
+    pool_prompts, pool_means, pool_stds = encode_scene_pool(vae, scenes, pool_size, device, progress)
+    prompts = sorted(set(pool_prompts) | {""})
     row_of = {prompt: row for row, prompt in enumerate(prompts)}
+    pool_rows = torch.tensor([row_of[p] for p in pool_prompts])
     table = encode_prompt_table(pipeline, prompts)
     ema = copy.deepcopy(transformer).requires_grad_(False)
     transformer.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, steps // 20))
     generator = torch.Generator().manual_seed(seed)
+    empty_row = row_of[""]
     smoothed_loss = None
     bar = _progress(range(steps), "transformer", progress)
     for step in bar:
-        batch_prompts, images = scenes.next_batch(batch_size)
-        dropped = scenes.rng.random(batch_size) < CAPTION_DROPOUT
-        rows = torch.tensor([row_of["" if drop else p] for p, drop in zip(batch_prompts, dropped)])
-        with torch.no_grad():
-            posterior = vae.encode(images.to(device)).latent_dist
-            clean = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device))
-            clean = (clean - vae.config.shift_factor) * vae.config.scaling_factor
+        picks = torch.randint(len(pool_prompts), (batch_size,), generator=generator)
+        dropped = torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT
+        rows = torch.where(dropped, empty_row, pool_rows[picks]).to(device)
+        posterior_noise = torch.randn(pool_means[picks].shape, generator=generator).to(device)
+        clean = pool_means[picks] + pool_stds[picks] * posterior_noise
+        clean = (clean - vae.config.shift_factor) * vae.config.scaling_factor
         noise = torch.randn(clean.shape, generator=generator).to(device)
         sigmas = sample_sigmas(batch_size, generator).to(device)
         noisy = (1 - sigmas[:, None, None, None]) * clean + sigmas[:, None, None, None] * noise
@@ -388,23 +409,32 @@ def pretrain_shapes(
     seed: int = 0,
     vae_steps: int = 1500,
     transformer_steps: int = 3000,
-    batch_size: int = 32,
+    batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    vae_batch_size: int = 16,
+    vae_eval_scenes: int = 200,
 ) -> dict:
     """Build the pipeline from ``seed``, train the VAE then the transformer, set the VAE's latent scaling and
     ``save_pretrained`` the result (EMA transformer weights) to ``output_dir``; returns the measured metrics."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     pipeline = build_shapes_pipeline(seed).to(device)
-    metrics = train_vae(pipeline.vae, SceneStream(seed + 1), vae_steps, batch_size, device, progress=progress)
-    metrics.update(measure_vae(pipeline.vae, seed + 2, num_scenes=200, device=device))
+    metrics = train_vae(pipeline.vae, SceneStream(seed + 1), vae_steps, vae_batch_size, device, progress=progress)
+    metrics.update(measure_vae(pipeline.vae, seed + 2, vae_eval_scenes, device))
     pipeline.vae.register_to_config(
         scaling_factor=1 / metrics["latent_std"], shift_factor=metrics["latent_mean"]
     )
     metrics["vae_seconds"] = time.perf_counter() - started
     pipeline.transformer, flow_metrics = train_transformer(
-        pipeline, SceneStream(seed + 3), transformer_steps, batch_size, device, seed=seed, progress=progress
+        pipeline,
+        SceneStream(seed + 3),
+        transformer_steps,
+        batch_size,
+        device,
+        seed=seed,
+        pool_size=min(MAX_SCENE_POOL, transformer_steps * batch_size),
+        progress=progress,
     )
     metrics.update(flow_metrics)
     pipeline.to("cpu").save_pretrained(output_dir)

@@ -1,0 +1,83 @@
+"""The shipped ShapesWorld pipeline and the code that builds and pretrains it."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from tempflow.shapes import pipeline_path
+from tempflow.shapes.detector import strict_score
+from tempflow.shapes.pretrain import (
+    CLIP_MAX_LENGTH,
+    MAX_SEQUENCE_LENGTH,
+    build_shapes_pipeline,
+    pretrain_shapes,
+    render_images,
+    to_uint8_arrays,
+)
+from tempflow.shapes.world import VOCABULARY, load_prompt_set
+
+
+def _generate(pipeline: StableDiffusion3Pipeline, prompt: str, num_steps: int = 4) -> torch.Tensor:
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(
+        prompt,
+        num_inference_steps=num_steps,
+        guidance_scale=4.5,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return StableDiffusion3Pipeline.from_pretrained(pipeline_path())
+
+
+def test_shipped_pipeline_loads_with_plain_from_pretrained_and_generates_64px(shipped):
+    assert shipped.text_encoder_3 is not None and shipped.tokenizer_3 is not None
+    image = _generate(shipped, "a photo of a red circle")
+    assert image.shape == (1, 3, 64, 64)
+    assert torch.isfinite(image).all()
+
+
+def test_shipped_vae_reconstructions_keep_the_scene(shipped):
+    entries = load_prompt_set("eval")[::10]
+    images = render_images([e["spec"] for e in entries], np.random.default_rng(0))
+    with torch.no_grad():
+        latents = shipped.vae.encode(images).latent_dist.mode()
+        reconstructions = to_uint8_arrays(shipped.vae.decode(latents).sample)
+    accuracy = np.mean([strict_score(image, e["spec"]) for image, e in zip(reconstructions, entries)])
+    assert accuracy >= 0.9
+
+
+def test_build_shapes_pipeline_is_quick_and_reproducible():
+    started = time.perf_counter()
+    first = build_shapes_pipeline(seed=3)
+    assert time.perf_counter() - started < 5
+    second, other = build_shapes_pipeline(seed=3), build_shapes_pipeline(seed=4)
+    weight = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.equal(first.transformer.state_dict()[weight], second.transformer.state_dict()[weight])
+    assert not torch.equal(first.transformer.state_dict()[weight], other.transformer.state_dict()[weight])
+
+
+def test_clip_tokenizer_has_one_token_per_word_and_fits_every_prompt():
+    tokenizer = build_shapes_pipeline().tokenizer
+    for word in VOCABULARY:
+        assert len(tokenizer(word).input_ids) == 3, word  # bos, the word, eos
+    longest = max(len(tokenizer(e["prompt"]).input_ids) for e in load_prompt_set("train") + load_prompt_set("eval"))
+    assert longest <= CLIP_MAX_LENGTH
+
+
+def test_short_pretraining_runs_end_to_end_and_reloads(tmp_path):
+    metrics = pretrain_shapes(
+        tmp_path, seed=0, vae_steps=2, transformer_steps=2, batch_size=2, vae_batch_size=2, progress=False,
+        vae_eval_scenes=4,
+    )
+    assert np.isfinite(metrics["flow_loss"]) and np.isfinite(metrics["vae_mse"])
+    reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path)
+    assert reloaded.vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
+    assert _generate(reloaded, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)
