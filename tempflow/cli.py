@@ -4,15 +4,22 @@
     tempflow eval [--model M] [--lora DIR] ...         score a model (+ LoRA) on a prompt set
     tempflow sample --prompt "..." [--lora DIR] ...    generate images
     tempflow pretrain-shapes                           rebuild the ShapesWorld pipeline
+
+Exit codes: 0 done; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
+non-finite steps); 128+N stopped by signal N after writing a checkpoint (resume with
+``--resume_from_checkpoint latest``).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 3
+EXIT_INTERRUPTED = 128  # + the signal number, as shells report it; a checkpoint was saved first
 
 
 def _parse_config(recipe: str | None, overrides: list[str]):
@@ -34,6 +41,10 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
     trainer = TempFlowGRPOTrainer(config)
     summary = trainer.train()
     if not trainer.accelerator.is_main_process:
+        return summary
+    if summary["interrupted_by"]:
+        print(f"stopped by {summary['interrupted_by']} after {summary['iterations']} iterations; checkpoint saved "
+              f"in {config.output_dir} (resume with --resume_from_checkpoint latest)")
         return summary
     final = summary.get("final", {})
     print(f"done: {summary['iterations']} iterations; outputs in {config.output_dir}")
@@ -128,7 +139,11 @@ def _config_help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tempflow", description="RL fine-tuning of flow-matching text-to-image models.")
+    parser = argparse.ArgumentParser(
+        prog="tempflow",
+        description="RL fine-tuning of flow-matching text-to-image models.",
+        epilog="exit codes: 0 done, 2 bad input, 3 training diverged, 128+N stopped by signal N (checkpoint saved)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser(
         "train",
@@ -166,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return pretrain_main(argv[1:]) or 0
     args, overrides = parser.parse_known_args(argv)
     from .rewards.combined import RewardError
+    from .trainer import NonFiniteTrainingError
 
     if args.command == "train" and {"-h", "--help"} & set(overrides):
         train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
@@ -175,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         if args.command == "train":
-            train(args.recipe, overrides)
+            summary = train(args.recipe, overrides)
+            if summary["interrupted_by"]:
+                return EXIT_INTERRUPTED + int(getattr(signal, summary["interrupted_by"]))
         elif args.command == "eval":
             evaluate(args)
         elif args.command == "sample":
@@ -183,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RewardError) as err:
         print(f"tempflow: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except NonFiniteTrainingError as err:
+        print(f"tempflow: training stopped: {err}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     return 0
 
 

@@ -113,6 +113,9 @@ class TempFlowGRPOConfig:
     weight_decay: float = _help("AdamW weight decay.", default=1e-4)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
     max_steps: int = _help("Training iterations (each: one rollout batch, rewards, and its updates).", default=100)
+    max_consecutive_skipped_steps: int = _help(
+        "Optimizer steps with non-finite gradients are skipped; this many in a row stop the run.", default=10
+    )
     gradient_checkpointing: bool = _help("Trade compute for memory in the transformer.", default=False)
     use_ema: bool = _help("Keep an EMA of the trainable weights (evaluation and export use it).", default=False)
     ema_decay: float = _help("EMA decay per optimizer step.", default=0.9)
@@ -186,7 +189,7 @@ class TempFlowGRPOConfig:
             "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
             "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "epsilon",
             "adv_clip_max", "sde_window_size", "num_branch_steps_per_iteration", "child_num_inference_steps",
-            "eval_steps", "num_eval_prompts", "max_sequence_length",
+            "eval_steps", "num_eval_prompts", "max_sequence_length", "max_consecutive_skipped_steps",
         )
         if self.num_generations < 2:
             reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")

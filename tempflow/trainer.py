@@ -14,7 +14,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +40,10 @@ from .sampling import step_kl, stochastic_step
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced non-finite gradients for too many optimizer steps in a row."""
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -131,6 +138,8 @@ class TempFlowGRPOTrainer:
         self.evaluations: list[dict] = []
         self.iteration = 0
         self.skipped_steps = 0
+        self.consecutive_skipped_steps = 0
+        self._stop_signal: int | None = None
         if self.accelerator.is_main_process:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         if config.report_to != "none":
@@ -261,9 +270,9 @@ class TempFlowGRPOTrainer:
                     count += 1
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
                 if not torch.isfinite(torch.as_tensor(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.skipped_steps += 1
+                    self._skip_step()
                     continue
+                self.consecutive_skipped_steps = 0
                 grad_norms.append(float(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -278,6 +287,20 @@ class TempFlowGRPOTrainer:
         if self.accelerator.num_processes > 1:
             metrics["train/rank_weight_divergence"] = self._rank_weight_divergence()
         return metrics
+
+    def _skip_step(self) -> None:
+        """Drop a step whose loss or gradients are not finite; too many in a row mean the run has diverged."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.consecutive_skipped_steps += 1
+        limit = self.config.max_consecutive_skipped_steps
+        if self.consecutive_skipped_steps >= limit:
+            raise NonFiniteTrainingError(
+                f"{limit} optimizer steps in a row had non-finite gradients (iteration {self.iteration}); "
+                "lower the learning rate, check the rewards, or resume from an earlier checkpoint"
+            )
+        warnings.warn(f"skipped an optimizer step with non-finite gradients (iteration {self.iteration})",
+                      stacklevel=2)
 
     def _rank_weight_divergence(self) -> float:
         """Spread across processes of a fingerprint of the trainable weights: 0 while ranks stay in sync."""
@@ -320,29 +343,63 @@ class TempFlowGRPOTrainer:
     # --- the loop -----------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run until ``max_steps`` iterations, evaluating, logging and checkpointing on the way. Returns the
-        final metrics (also written to ``metrics.json``)."""
+        final metrics (also written to ``metrics.json``). SIGTERM or SIGINT ends the run after the current
+        iteration with a checkpoint (the summary then has ``interrupted_by`` set)."""
         config = self.config
         self._maybe_resume()
         if self.iteration == 0 and self.eval_prompts:
             self._record_evaluation(self.evaluate("before"))
         bar = tqdm(range(self.iteration, config.max_steps), initial=self.iteration, total=config.max_steps,
                    desc="training", disable=config.disable_progress_bar or not self.accelerator.is_local_main_process)
-        for _ in bar:
-            metrics = self.training_step()
-            self.history.append(metrics)
-            self.iteration += 1
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['train/approx_kl']:.2e}")
-            if self.iteration % config.logging_steps == 0:
-                self._log(metrics)
-            if config.eval_steps and self.iteration % config.eval_steps == 0 and self.iteration < config.max_steps:
-                self._record_evaluation(self.evaluate(f"iteration-{self.iteration}"))
-            if self.iteration % config.save_steps == 0 or self.iteration == config.max_steps:
-                self.save_checkpoint()
+        with self._checkpoint_on_signals():
+            for _ in bar:
+                metrics = self.training_step()
+                self.history.append(metrics)
+                self.iteration += 1
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['train/approx_kl']:.2e}")
+                if self.iteration % config.logging_steps == 0:
+                    self._log(metrics)
+                if self._stop_requested():
+                    self.save_checkpoint()
+                    return self._write_summary({}, interrupted_by=self._stop_signal)
+                if config.eval_steps and self.iteration % config.eval_steps == 0 and self.iteration < config.max_steps:
+                    self._record_evaluation(self.evaluate(f"iteration-{self.iteration}"))
+                if self.iteration % config.save_steps == 0 or self.iteration == config.max_steps:
+                    self.save_checkpoint()
         final = self.evaluate("after") if self.eval_prompts else {}
         if final:
             self._record_evaluation(final)
         self.save_model(config.output_dir)
         return self._write_summary(final)
+
+    @contextlib.contextmanager
+    def _checkpoint_on_signals(self):
+        """Turn the first SIGTERM/SIGINT into a request to checkpoint and stop; a second one acts as usual."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def request_stop(signum, frame):
+            self._stop_signal = signum
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got a stop signal (all processes must stop at the same iteration)."""
+        flag = torch.tensor([0 if self._stop_signal is None else self._stop_signal], device=self.accelerator.device)
+        flag = self.accelerator.reduce(flag, reduction="sum") if self.accelerator.num_processes > 1 else flag
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(signal.SIGTERM)
+        return bool(flag.item())
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -396,9 +453,10 @@ class TempFlowGRPOTrainer:
             with open(Path(self.config.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def _write_summary(self, final: dict) -> dict:
+    def _write_summary(self, final: dict, interrupted_by: int | None = None) -> dict:
         summary = {
             "iterations": self.iteration,
+            "interrupted_by": None if interrupted_by is None else signal.Signals(interrupted_by).name,
             "skipped_steps": self.skipped_steps,
             "evaluations": self.evaluations,
             "final": final,
@@ -455,7 +513,8 @@ class TempFlowGRPOTrainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(temporary))
         if self.accelerator.is_main_process:
-            state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps, "history": self.history,
+            state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
+                     "consecutive_skipped_steps": self.consecutive_skipped_steps, "history": self.history,
                      "evaluations": self.evaluations}
             (temporary / TRAINER_STATE).write_text(json.dumps(state))
             if final.exists():
@@ -486,5 +545,6 @@ class TempFlowGRPOTrainer:
         state = json.loads((path / TRAINER_STATE).read_text())
         self.iteration = state["iteration"]
         self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skipped_steps = state["consecutive_skipped_steps"]
         self.history = state["history"]
         self.evaluations = state["evaluations"]

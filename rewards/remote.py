@@ -1,0 +1,152 @@
+"""A reward scored by another process, registered as ``remote``: it posts batches to a reward server
+(:mod:`tempflow.rewards.server`) and returns its scores, so a heavy or conflicting reward model can live in its
+own environment or on its own GPU. Wire format (one place, used by both sides): ``POST /score`` with JSON
+``{"images": [base64 PNG, ...], "prompts": [...], "metadata": {key: [one value per image]}}``, answered with
+``{"scores": [float or null, ...]}`` or ``{"error": message}``. PNG is lossless, so the remote reward sees
+the images quantised to 8 bits and nothing else changes; nothing is ever pickled."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+
+from . import register_reward, to_uint8
+from .combined import RewardError
+
+TOKEN_ENV = "TEMPFLOW_REWARD_TOKEN"
+_RETRY_STATUSES = (502, 503, 504)  # the server is starting, overloaded or behind a failing proxy
+
+
+class RemoteRewardError(RewardError):
+    """The reward server refused a request, failed, or could not be reached."""
+
+
+def encode_png(array: np.ndarray) -> str:
+    """``[H, W, 3]`` uint8 → base64 PNG text."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png(text: str) -> np.ndarray:
+    """base64 PNG text → ``[H, W, 3]`` uint8; raises ``ValueError`` for anything else."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as image:
+            if image.format != "PNG":
+                raise ValueError(f"got a {image.format} image")
+            return np.asarray(image.convert("RGB"))
+    except Exception as err:
+        raise ValueError(f"not a base64 PNG image ({err})") from err
+
+
+def images_from_uint8(arrays: np.ndarray) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8 → ``[B, 3, H, W]`` float32 in [0, 1] (the inverse of :func:`to_uint8`)."""
+    return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def _jsonable(value):
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"metadata of type {type(value).__name__} cannot be sent to a reward server")
+
+
+def encode_request(arrays: np.ndarray, prompts: list[str], metadata: dict) -> bytes:
+    body = {"images": [encode_png(a) for a in arrays], "prompts": list(prompts), "metadata": metadata}
+    return json.dumps(body, default=_jsonable).encode()
+
+
+def finite_or_none(score) -> float | None:
+    """Scores as JSON can carry them: NaN and inf become ``null``."""
+    return None if score is None or not math.isfinite(float(score)) else float(score)
+
+
+@register_reward("remote")
+class RemoteReward:
+    """Args:
+        url (str): the server's address, e.g. ``http://127.0.0.1:8000``.
+        token (str, optional): shared secret sent as ``Authorization: Bearer``; defaults to the
+            ``TEMPFLOW_REWARD_TOKEN`` environment variable (keeps secrets out of recipes).
+        timeout (float, default 60): seconds to wait for one batch.
+        retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP 502/503/504.
+        batch_size (int, default 16): images per request.
+        retry_wait (float, default 1): seconds before the first retry, doubling after each.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        batch_size: int = 16,
+        retry_wait: float = 1.0,
+    ):
+        self.url = url.rstrip("/").removesuffix("/score")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.timeout, self.retries, self.batch_size, self.retry_wait = timeout, retries, batch_size, retry_wait
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> list[float | None]:
+        arrays, prompts = to_uint8(images), list(prompts)
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            batch_metadata = {key: list(values[start:stop]) for key, values in metadata.items()}
+            body = encode_request(arrays[start:stop], prompts[start:stop], batch_metadata)
+            batch_scores = self._post(body)
+            if len(batch_scores) != len(prompts[start:stop]):
+                raise RemoteRewardError(f"{self.url} returned {len(batch_scores)} scores for {stop - start} images")
+            scores += batch_scores
+        return scores
+
+    def _post(self, body: bytes) -> list:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(f"{self.url}/score", data=body, headers=headers, method="POST")
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    answer = response.read()
+                return _scores_of(answer, self.url)
+            except urllib.error.HTTPError as err:
+                if err.code not in _RETRY_STATUSES:
+                    raise RemoteRewardError(f"reward server {self.url}: HTTP {err.code}: {_error_text(err)}") from None
+                last_error = f"HTTP {err.code}: {_error_text(err)}"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            if attempt < self.retries:
+                time.sleep(self.retry_wait * 2**attempt)
+        raise RemoteRewardError(
+            f"reward server {self.url}: no answer after {self.retries + 1} attempt(s); last error: {last_error}"
+        )
+
+
+def _scores_of(answer: bytes, url: str) -> list:
+    try:
+        scores = json.loads(answer)["scores"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise RemoteRewardError(f"reward server {url}: malformed answer ({err})") from None
+    return [finite_or_none(score) for score in scores]
+
+
+def _error_text(err: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(err.read())["error"]
+    except Exception:
+        return err.reason
