@@ -23,7 +23,15 @@ import torch
 RewardFunc = Callable[..., list]
 
 _REGISTRY: dict[str, Callable] = {}
-_BUILTIN_MODULES = ("tempflow.rewards.simple", "tempflow.shapes.reward")
+_BUILTIN_MODULES = (
+    "tempflow.rewards.simple",
+    "tempflow.shapes.reward",
+    "tempflow.rewards.pickscore",
+    "tempflow.rewards.clip_similarity",
+    "tempflow.rewards.aesthetic",
+    "tempflow.rewards.ocr",
+    "tempflow.rewards.remote",
+)
 
 
 def register_reward(name: str):
