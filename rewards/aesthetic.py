@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import register_reward, to_pil
-from .loading import load_state_dict_file, pick_device
+from .loading import load_state_dict_file, pick_device, pooled
 
 
 class AestheticHead(nn.Module):
@@ -41,12 +41,13 @@ class AestheticScore:
     """
 
     def __init__(self, head: str, clip_model: str = "openai/clip-vit-large-patch14", device: str | None = None):
-        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoImageProcessor, CLIPModel
 
         self.device = pick_device(device)
         self.processor = AutoImageProcessor.from_pretrained(clip_model)
-        # The vision tower with its projection is all the predictor needs; it loads from a full CLIP checkpoint.
-        self.clip = CLIPVisionModelWithProjection.from_pretrained(clip_model).eval().to(self.device)
+        # The whole CLIPModel, as DDPO and Flow-GRPO load it: a vision-only class would not read the projection
+        # width from a full CLIP config, and from_pretrained would silently re-initialise the projection.
+        self.clip = CLIPModel.from_pretrained(clip_model).eval().to(self.device)
         state_dict = load_state_dict_file(head)
         embed_dim = self.clip.config.projection_dim
         head_dim = state_dict["layers.0.weight"].shape[1] if "layers.0.weight" in state_dict else None
@@ -59,7 +60,6 @@ class AestheticScore:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> list[float]:
         inputs = self.processor(images=to_pil(images), return_tensors="pt").to(self.device)
-        output = self.clip(**inputs)
-        embeds = output.image_embeds
+        embeds = pooled(self.clip.get_image_features(**inputs))
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.head(embeds).float().cpu().tolist()
