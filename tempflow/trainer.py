@@ -433,7 +433,18 @@ class TempFlowGRPOTrainer:
             samples_dir = Path(config.output_dir) / "samples"
             samples_dir.mkdir(parents=True, exist_ok=True)
             save_image_grid(images[:16], [r["prompt"] for r in shard[:16]], samples_dir / f"{tag}.png")
+            self._log_images(images[:16])
         return results
+
+    def _log_images(self, images: torch.Tensor) -> None:
+        """Send evaluation samples to the trackers that take images (TensorBoard as NHWC uint8, others as PIL)."""
+        from .rewards import to_pil, to_uint8
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"eval/samples": to_uint8(images)}, step=self.iteration, dataformats="NHWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({"eval/samples": to_pil(images)}, step=self.iteration)
 
     def _global_mean(self, values: torch.Tensor) -> float:
         values = values.to(self.accelerator.device)

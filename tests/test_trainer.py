@@ -32,6 +32,18 @@ def _trainer(config, **kwargs):
     return TempFlowGRPOTrainer(config, **kwargs)
 
 
+def _tensorboard_events(directory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {"scalars": set(), "images": set()}
+    for path in directory.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(path.parent))
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    return tags
+
+
 def _lora_weights(directory):
     return load_file(str(directory / "pytorch_lora_weights.safetensors"))
 
@@ -61,7 +73,7 @@ def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["tempflow_grpo", "flow_grpo"])
 def test_training_writes_outputs_and_a_loadable_lora(tiny_sd3_dir, tmp_path, algorithm):
-    config = _config(tiny_sd3_dir, tmp_path, algorithm=algorithm, beta=0.01, use_ema=True)
+    config = _config(tiny_sd3_dir, tmp_path, algorithm=algorithm, beta=0.01, use_ema=True, report_to="tensorboard")
     summary = _trainer(config, eval_prompts=PROMPTS[:2]).train()
     assert summary["iterations"] == 2
     assert [e["iteration"] for e in summary["evaluations"]] == [0, 2]
@@ -74,6 +86,9 @@ def test_training_writes_outputs_and_a_loadable_lora(tiny_sd3_dir, tmp_path, alg
         assert history[0]["rollout/model_evals"] == 2 * (4 + 3 * 4 * 3 // 2)
     else:
         assert history[0]["rollout/model_evals"] == 2 * 3 * 4
+    events = _tensorboard_events(tmp_path)
+    assert {"reward/mean", "train/approx_kl", "train/clip_fraction", "eval/reward"} <= events["scalars"]
+    assert "eval/samples" in events["images"]
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
     pipe.load_lora_weights(tmp_path)
     assert len(_lora_weights(tmp_path)) > 0
