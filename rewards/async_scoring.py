@@ -14,7 +14,7 @@ class AsyncRewardScorer:
     """Args:
         reward (callable): ``reward(images, prompts, **metadata)``, e.g. a registered reward or a
             :class:`~tempflow.rewards.combined.CombinedReward`.
-        name (str, optional): the reward's name in error messages (defaults to its ``__name__`` or class name).
+        name (str, optional): the reward's name in errors (defaults to its ``__name__`` or class name).
         max_workers (int, default 1): batches scored at once; above 1 the reward must be thread-safe.
 
     Use as a context manager, or call :meth:`close`, to wait for pending batches and stop the workers.

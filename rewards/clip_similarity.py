@@ -1,7 +1,8 @@
-"""Image–text cosine similarity under an open-clip model, registered as ``clip_score`` (a public CLIP, by default
-OpenCLIP ViT-H-14 trained on LAION-2B) and ``hpsv2`` (Human Preference Score v2, Wu et al. 2023: the same
-ViT-H-14 fine-tuned on human preferences, loaded from its checkpoint file, e.g. ``HPS_v2.1_compressed.pt``).
-Local weight files are read as state dicts (safetensors or ``torch.load(weights_only=True)``)."""
+"""Image–text cosine similarity under an open-clip model, registered as ``clip_score`` (a public CLIP, by
+default OpenCLIP ViT-H-14 trained on LAION-2B) and ``hpsv2`` (Human Preference Score v2, Wu et al. 2023:
+the same ViT-H-14 fine-tuned on human preferences, loaded from its checkpoint file, e.g.
+``HPS_v2.1_compressed.pt``). Local weight files are read as state dicts (safetensors, or
+``torch.load(weights_only=True)``)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ class OpenClipSimilarity:
     Args:
         model_name (str): open-clip architecture name (``open_clip.list_models()``), or an ``hf-hub:`` /
             ``local-dir:`` model that carries its own weights.
-        pretrained (str, optional): an open-clip pretrained tag (downloaded by open-clip) or a local weights file.
+        pretrained (str, optional): an open-clip pretrained tag (open-clip downloads it) or a weights file.
         device (str, optional): defaults to CUDA when available.
     """
 
-    def __init__(self, model_name: str = "ViT-H-14", pretrained: str | None = "laion2b_s32b_b79k", device=None):
+    def __init__(
+        self, model_name: str = "ViT-H-14", pretrained: str | None = "laion2b_s32b_b79k", device=None
+    ):
         import open_clip
 
         self.device = pick_device(device)
         weights_file = pretrained if pretrained is not None and os.path.isfile(pretrained) else None
         if pretrained is None and ":" not in model_name:
-            raise ValueError(f"{type(self).__name__}: give `pretrained` (a tag or a weights file) for {model_name!r}")
+            raise ValueError(
+                f"{type(self).__name__}: give `pretrained` (a tag or a weights file) for {model_name!r}"
+            )
         model, _, self.preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=None if weights_file else pretrained
         )

@@ -1,6 +1,7 @@
-"""Shared loading helpers for the model-based rewards: the device a reward runs on, a weights-file reader that
-never unpickles arbitrary objects (safetensors, or ``torch.load(weights_only=True)``), and the pooled embedding
-of a transformers CLIP call (a tensor before transformers 5, a model output with ``pooler_output`` since)."""
+"""Shared loading helpers for the model-based rewards: the device a reward runs on, a weights-file reader
+that never unpickles arbitrary objects (safetensors, or ``torch.load(weights_only=True)``), and the pooled
+embedding of a transformers CLIP call (a tensor before transformers 5, a model output with
+``pooler_output`` since)."""
 
 from __future__ import annotations
 

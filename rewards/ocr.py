@@ -54,7 +54,9 @@ def easyocr_recognizer(languages=("en",), gpu: bool | None = None) -> Callable[[
         raise ModuleNotFoundError(
             "the `ocr` reward needs EasyOCR: `pip install easyocr` (or pass a `recognizer` callable)"
         ) from err
-    reader = easyocr.Reader(list(languages), gpu=torch.cuda.is_available() if gpu is None else gpu, verbose=False)
+    reader = easyocr.Reader(
+        list(languages), gpu=torch.cuda.is_available() if gpu is None else gpu, verbose=False
+    )
     return lambda image: " ".join(reader.readtext(image, detail=0))
 
 

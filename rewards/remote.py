@@ -1,6 +1,6 @@
 """A reward scored by another process, registered as ``remote``: it posts batches to a reward server
-(:mod:`tempflow.rewards.server`) and returns its scores, so a heavy or conflicting reward model can live in its
-own environment or on its own GPU. Wire format (one place, used by both sides): ``POST /score`` with JSON
+(:mod:`tempflow.rewards.server`) and returns its scores, so a heavy or conflicting reward model can live in
+its own environment or on its own GPU. Wire format (one place, used by both sides): ``POST /score`` with JSON
 ``{"images": [base64 PNG, ...], "prompts": [...], "metadata": {key: [one value per image]}}``, answered with
 ``{"scores": [float or null, ...]}`` or ``{"error": message}``. PNG is lossless, so the remote reward sees
 the images quantised to 8 bits and nothing else changes; nothing is ever pickled."""
@@ -79,13 +79,13 @@ def finite_or_none(score) -> float | None:
 @register_reward("remote")
 class RemoteReward:
     """Args:
-        url (str): the server's address, e.g. ``http://127.0.0.1:8000``.
-        token (str, optional): shared secret sent as ``Authorization: Bearer``; defaults to the
-            ``TEMPFLOW_REWARD_TOKEN`` environment variable (keeps secrets out of recipes).
-        timeout (float, default 60): seconds to wait for one batch.
-        retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP 502/503/504.
-        batch_size (int, default 16): images per request.
-        retry_wait (float, default 1): seconds before the first retry, doubling after each.
+    url (str): the server's address, e.g. ``http://127.0.0.1:8000``.
+    token (str, optional): shared secret sent as ``Authorization: Bearer``; defaults to the
+        ``TEMPFLOW_REWARD_TOKEN`` environment variable (keeps secrets out of recipes).
+    timeout (float, default 60): seconds to wait for one batch.
+    retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP 502/503/504.
+    batch_size (int, default 16): images per request.
+    retry_wait (float, default 1): seconds before the first retry, doubling after each.
     """
 
     def __init__(
@@ -99,7 +99,12 @@ class RemoteReward:
     ):
         self.url = url.rstrip("/").removesuffix("/score")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
-        self.timeout, self.retries, self.batch_size, self.retry_wait = timeout, retries, batch_size, retry_wait
+        self.timeout, self.retries, self.batch_size, self.retry_wait = (
+            timeout,
+            retries,
+            batch_size,
+            retry_wait,
+        )
 
     def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> list[float | None]:
         arrays, prompts = to_uint8(images), list(prompts)
@@ -110,7 +115,9 @@ class RemoteReward:
             body = encode_request(arrays[start:stop], prompts[start:stop], batch_metadata)
             batch_scores = self._post(body)
             if len(batch_scores) != len(prompts[start:stop]):
-                raise RemoteRewardError(f"{self.url} returned {len(batch_scores)} scores for {stop - start} images")
+                raise RemoteRewardError(
+                    f"{self.url} returned {len(batch_scores)} scores for {stop - start} images"
+                )
             scores += batch_scores
         return scores
 
@@ -126,14 +133,17 @@ class RemoteReward:
                 return _scores_of(answer, self.url)
             except urllib.error.HTTPError as err:
                 if err.code not in _RETRY_STATUSES:
-                    raise RemoteRewardError(f"reward server {self.url}: HTTP {err.code}: {_error_text(err)}") from None
+                    raise RemoteRewardError(
+                        f"reward server {self.url}: HTTP {err.code}: {_error_text(err)}"
+                    ) from None
                 last_error = f"HTTP {err.code}: {_error_text(err)}"
             except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
                 last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             if attempt < self.retries:
                 time.sleep(self.retry_wait * 2**attempt)
         raise RemoteRewardError(
-            f"reward server {self.url}: no answer after {self.retries + 1} attempt(s); last error: {last_error}"
+            f"reward server {self.url}: no answer after {self.retries + 1} attempt(s); "
+            f"last error: {last_error}"
         )
 
 

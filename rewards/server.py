@@ -50,7 +50,9 @@ def parse_score_request(body: bytes):
         raise RequestError(400, "`prompts` must be a list of strings")
     if len(prompts) != len(images):
         raise RequestError(400, f"got {len(images)} images but {len(prompts)} prompts")
-    if not isinstance(metadata, dict) or not all(isinstance(v, list) and len(v) == len(images) for v in metadata.values()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, list) and len(v) == len(images) for v in metadata.values()
+    ):
         raise RequestError(400, "`metadata` must map each key to a list with one value per image")
     try:
         arrays = [decode_png(text) for text in images]
@@ -63,17 +65,24 @@ def parse_score_request(body: bytes):
 
 class RewardServer(ThreadingHTTPServer):
     """Args:
-        reward (callable): the reward to serve.
-        name (str): its name, reported by ``/health`` and in error messages.
-        host (str, default ``127.0.0.1``), port (int, default 8000; 0 picks a free port).
-        token (str, optional): when set, ``/score`` requires ``Authorization: Bearer <token>``.
-        max_request_bytes (int, default 64 MiB): larger bodies get 413.
+    reward (callable): the reward to serve.
+    name (str): its name, reported by ``/health`` and in error messages.
+    host (str, default ``127.0.0.1``), port (int, default 8000; 0 picks a free port).
+    token (str, optional): when set, ``/score`` requires ``Authorization: Bearer <token>``.
+    max_request_bytes (int, default 64 MiB): larger bodies get 413.
     """
 
     daemon_threads = True
 
-    def __init__(self, reward, name: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-                 max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20)):
+    def __init__(
+        self,
+        reward,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        token: str | None = None,
+        max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20),
+    ):
         super().__init__((host, port), _RewardHandler)
         self.reward, self.reward_name, self.token = reward, name, token
         self.max_request_bytes = max_request_bytes
@@ -112,7 +121,9 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self._check_token()
             if length > self.server.max_request_bytes:
                 limit_mb = self.server.max_request_bytes / 2**20
-                raise RequestError(413, f"request of {length} bytes exceeds the server's limit of {limit_mb:g} MB")
+                raise RequestError(
+                    413, f"request of {length} bytes exceeds the server's limit of {limit_mb:g} MB"
+                )
             body, length = self.rfile.read(length), 0
             scores = self.server.score(body)
         except RequestError as err:
@@ -168,11 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("reward", help="a registered reward name or a 'package.module:function' path")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
-                        help=f"shared secret clients must send (default: ${TOKEN_ENV})")
-    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
-                        help="largest request body accepted, in MiB")
-    parser.add_argument("--reward-kwargs", default="{}", help="JSON object of the reward's constructor arguments")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"shared secret clients must send (default: ${TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=DEFAULT_MAX_REQUEST_MB,
+        help="largest request body accepted, in MiB",
+    )
+    parser.add_argument(
+        "--reward-kwargs", default="{}", help="JSON object of the reward's constructor arguments"
+    )
     return parser
 
 
@@ -187,8 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(reward_kwargs, dict):
         parser.error("--reward-kwargs must be a JSON object")
     reward = get_reward(args.reward, **reward_kwargs)
-    server = RewardServer(reward, args.reward, args.host, args.port, args.token,
-                          max_request_bytes=int(args.max_request_mb * 2**20))
+    server = RewardServer(
+        reward,
+        args.reward,
+        args.host,
+        args.port,
+        args.token,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+    )
     if args.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without a token: anyone who can reach it can use the reward", args.host)
     print(f"serving reward {args.reward!r} at {server.url} (POST /score, GET /health)", flush=True)

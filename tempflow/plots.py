@@ -46,3 +46,21 @@ def save_image_grid(images: torch.Tensor, captions: list[str], path: str | Path,
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_before_after_grid(before: torch.Tensor, after: torch.Tensor, captions: list[str], path: str | Path) -> None:
+    """Pairs of samples with the same prompt and noise: before training (top row) and after (bottom row)."""
+    count = len(captions)
+    fig, axes = plt.subplots(2, count, figsize=(2.2 * count, 5.0), dpi=100, squeeze=False)
+    for column, caption in enumerate(captions):
+        for row, (label, images) in enumerate((("before", before), ("after", after))):
+            ax = axes[row][column]
+            ax.imshow(images[column].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(label, fontsize=9)
+        axes[0][column].set_title("\n".join(textwrap.wrap(caption, 22)), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

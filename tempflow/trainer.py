@@ -31,7 +31,7 @@ from .advantages import group_advantages
 from .config import TempFlowGRPOConfig
 from .evaluation import evaluation_seeds, sample_images, score_images
 from .loss import clipped_policy_loss, noise_aware_weights
-from .plots import plot_reward_curve, save_image_grid
+from .plots import plot_reward_curve, save_before_after_grid, save_image_grid
 from .policies import FlowPolicy, load_policy
 from .prompts import load_prompts
 from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
@@ -140,6 +140,7 @@ class TempFlowGRPOTrainer:
         self.skipped_steps = 0
         self.consecutive_skipped_steps = 0
         self._stop_signal: int | None = None
+        self._before_images: torch.Tensor | None = None  # for the before/after grid at the end
         if self.accelerator.is_main_process:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         if config.report_to != "none":
@@ -434,6 +435,11 @@ class TempFlowGRPOTrainer:
             samples_dir.mkdir(parents=True, exist_ok=True)
             save_image_grid(images[:16], [r["prompt"] for r in shard[:16]], samples_dir / f"{tag}.png")
             self._log_images(images[:16])
+            if tag == "before":
+                self._before_images = images[:8]
+            elif tag == "after" and self._before_images is not None:
+                save_before_after_grid(self._before_images, images[:8], [r["prompt"] for r in shard[:8]],
+                                       samples_dir / "before_after.png")
         return results
 
     def _log_images(self, images: torch.Tensor) -> None:

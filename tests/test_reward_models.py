@@ -56,12 +56,24 @@ def hf_clip(tmp_path_factory):
     tokenizer = build_clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     model = _seeded(0, lambda: CLIPModel(config))
@@ -111,8 +123,12 @@ def test_pickscore_scores_each_image_with_its_own_prompt(hf_clip, images):
     reward = get_reward("pickscore", processor=directory, model=directory, device="cpu")
     scores = reward(images, PROMPTS)
     order = [2, 0, 3, 1]
-    assert reward(images[order], [PROMPTS[i] for i in order]) == pytest.approx([scores[i] for i in order], rel=1e-5)
-    assert reward(images[:1], PROMPTS[1:2]) != pytest.approx(scores[:1])  # the prompt matters, not only the image
+    assert reward(images[order], [PROMPTS[i] for i in order]) == pytest.approx(
+        [scores[i] for i in order], rel=1e-5
+    )
+    assert reward(images[:1], PROMPTS[1:2]) != pytest.approx(
+        scores[:1]
+    )  # the prompt matters, not only the image
 
 
 def test_aesthetic_is_the_mlp_on_normalised_image_embeddings(hf_clip, images, tmp_path):
@@ -166,7 +182,9 @@ def open_clip_model(tmp_path_factory):
     model = _seeded(0, lambda: open_clip.create_model("tempflow-tiny-clip", pretrained=None))
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state_dict, str(directory / "clip.safetensors"))
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state_dict.items()}, "epoch": 3}, directory / "hps.pt")
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in state_dict.items()}, "epoch": 3}, directory / "hps.pt"
+    )
     torch.save({"state_dict": state_dict, "payload": _NotATensor()}, directory / "unsafe.pt")
     return directory, model
 
@@ -179,13 +197,17 @@ def _open_clip_cosines(model, images, prompts):
     tokens = open_clip.get_tokenizer("tempflow-tiny-clip")(prompts)
     with torch.no_grad():
         out = model(pixels, tokens)
-    image_features, text_features = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+    image_features, text_features = (
+        (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+    )
     return (image_features @ text_features.T).diagonal()  # HPSv2's formula on normalised features
 
 
 def test_clip_score_loads_a_local_weights_file(open_clip_model, images):
     directory, model = open_clip_model
-    reward = get_reward("clip_score", model_name="tempflow-tiny-clip", pretrained=str(directory / "clip.safetensors"))
+    reward = get_reward(
+        "clip_score", model_name="tempflow-tiny-clip", pretrained=str(directory / "clip.safetensors")
+    )
     scores = reward(images, PROMPTS)
     _assert_scores(scores, len(PROMPTS))
     assert all(-1 <= s <= 1 for s in scores)
@@ -195,7 +217,9 @@ def test_clip_score_loads_a_local_weights_file(open_clip_model, images):
 
 def test_hpsv2_loads_a_ddp_checkpoint_and_matches_its_formula(open_clip_model, images):
     directory, model = open_clip_model
-    reward = get_reward("hpsv2", checkpoint=str(directory / "hps.pt"), model_name="tempflow-tiny-clip", device="cpu")
+    reward = get_reward(
+        "hpsv2", checkpoint=str(directory / "hps.pt"), model_name="tempflow-tiny-clip", device="cpu"
+    )
     scores = reward(images, PROMPTS)
     _assert_scores(scores, len(PROMPTS))
     assert scores == pytest.approx(_open_clip_cosines(model, images, PROMPTS).tolist(), rel=1e-4, abs=1e-5)
@@ -238,6 +262,8 @@ def test_ocr_reward_scores_recognised_text_against_the_quoted_target():
 
 
 def test_ocr_without_a_backend_names_the_package(monkeypatch):
-    monkeypatch.setitem(sys.modules, "easyocr", None)  # makes `import easyocr` fail even where it is installed
+    monkeypatch.setitem(
+        sys.modules, "easyocr", None
+    )  # makes `import easyocr` fail even where it is installed
     with pytest.raises(ModuleNotFoundError, match="pip install easyocr"):
         get_reward("ocr")

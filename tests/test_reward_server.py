@@ -68,8 +68,9 @@ def post(url, body: bytes, headers=None):
 
 
 def score_body(images, prompts, **metadata):
-    return json.dumps({"images": [encode_png(a) for a in to_uint8(images)], "prompts": prompts,
-                       "metadata": metadata}).encode()
+    return json.dumps(
+        {"images": [encode_png(a) for a in to_uint8(images)], "prompts": prompts, "metadata": metadata}
+    ).encode()
 
 
 # ------------------------------------------------------------------------------------------- async scoring
@@ -154,7 +155,9 @@ def test_a_failing_reward_gets_500_naming_it_and_is_not_retried():
 
     with serving(fragile, "fragile") as server:
         remote = get_reward("remote", url=server.url, retries=3, retry_wait=0)
-        with pytest.raises(RemoteRewardError, match="HTTP 500: reward 'fragile' raised ValueError: cannot score"):
+        with pytest.raises(
+            RemoteRewardError, match="HTTP 500: reward 'fragile' raised ValueError: cannot score"
+        ):
             remote(quantized_images(1), ["a"])
         assert remote(quantized_images(2), ["a", "b"]) == [0.5, 0.5]
     assert calls == [1, 2]
@@ -183,8 +186,16 @@ def test_an_unreachable_server_fails_clearly_after_the_retries(monkeypatch):
 
 
 def test_serve_reward_command_serves_until_stopped():
-    command = [sys.executable, "-c", "import sys; from tempflow.rewards.server import main; sys.exit(main())",
-               "brightness", "--port", "0", "--token", "t0k"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from tempflow.rewards.server import main; sys.exit(main())",
+        "brightness",
+        "--port",
+        "0",
+        "--token",
+        "t0k",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         ready, _, _ = select.select([process.stdout], [], [], 60)

@@ -77,7 +77,7 @@ def test_training_writes_outputs_and_a_loadable_lora(tiny_sd3_dir, tmp_path, alg
     summary = _trainer(config, eval_prompts=PROMPTS[:2]).train()
     assert summary["iterations"] == 2
     assert [e["iteration"] for e in summary["evaluations"]] == [0, 2]
-    for name in ("metrics.json", "metrics.jsonl", "reward_curve.png", "samples/before.png", "samples/after.png",
+    for name in ("metrics.json", "metrics.jsonl", "reward_curve.png", "samples/before.png", "samples/after.png", "samples/before_after.png",
                  "pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).is_file(), name
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
