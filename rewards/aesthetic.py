@@ -35,10 +35,12 @@ class AestheticHead(nn.Module):
 
 @register_reward("aesthetic")
 class AestheticScore:
-    """Args:
-    head (str): path of the MLP weights (``.pth``/``.pt`` state dict, or ``.safetensors``).
-    clip_model (str): hub id or directory of the CLIP model whose image tower embeds the images.
-    device (str, optional): defaults to CUDA when available.
+    """The aesthetic score of each image (the prompt is ignored).
+
+    Args:
+        head (str): path of the MLP weights (``.pth``/``.pt`` state dict, or ``.safetensors``).
+        clip_model (str): hub id or directory of the CLIP model whose image tower embeds the images.
+        device (str, optional): defaults to CUDA when available.
     """
 
     def __init__(

@@ -11,7 +11,9 @@ from .combined import RewardError
 
 
 class AsyncRewardScorer:
-    """Args:
+    """Scores batches with ``reward`` in worker threads.
+
+    Args:
         reward (callable): ``reward(images, prompts, **metadata)``, e.g. a registered reward or a
             :class:`~tempflow.rewards.combined.CombinedReward`.
         name (str, optional): the reward's name in errors (defaults to its ``__name__`` or class name).

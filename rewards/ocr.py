@@ -62,7 +62,9 @@ def easyocr_recognizer(languages=("en",), gpu: bool | None = None) -> Callable[[
 
 @register_reward("ocr")
 class OcrReward:
-    """Args:
+    """How well each image renders the quoted text of its prompt, in [0, 1].
+
+    Args:
         recognizer (callable, optional): ``recognizer(uint8 HxWx3 array) -> str``; defaults to EasyOCR.
         languages (list[str], default ``["en"]``): EasyOCR languages.
         gpu (bool, optional): run EasyOCR on the GPU (defaults to CUDA availability).

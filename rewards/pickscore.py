@@ -15,11 +15,13 @@ PICKSCORE_NORMALIZER = 26.0  # Flow-GRPO's constant: brings typical scores near 
 
 @register_reward("pickscore")
 class PickScore:
-    """Args:
-    processor (str): hub id or directory of the CLIP processor (default: the CLIP-H one PickScore uses).
-    model (str): hub id or directory of the PickScore ``CLIPModel``.
-    normalize (bool, default False): divide scores by 26 (Flow-GRPO); off, they are the published scale.
-    device (str, optional): defaults to CUDA when available.
+    """The PickScore of each (image, prompt) pair.
+
+    Args:
+        processor (str): hub id or directory of the CLIP processor (default: the CLIP-H one PickScore uses).
+        model (str): hub id or directory of the PickScore ``CLIPModel``.
+        normalize (bool, default False): divide scores by 26 (Flow-GRPO); off, they are the published scale.
+        device (str, optional): defaults to CUDA when available.
     """
 
     def __init__(

@@ -78,14 +78,16 @@ def finite_or_none(score) -> float | None:
 
 @register_reward("remote")
 class RemoteReward:
-    """Args:
-    url (str): the server's address, e.g. ``http://127.0.0.1:8000``.
-    token (str, optional): shared secret sent as ``Authorization: Bearer``; defaults to the
-        ``TEMPFLOW_REWARD_TOKEN`` environment variable (keeps secrets out of recipes).
-    timeout (float, default 60): seconds to wait for one batch.
-    retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP 502/503/504.
-    batch_size (int, default 16): images per request.
-    retry_wait (float, default 1): seconds before the first retry, doubling after each.
+    """Scores batches on a reward server.
+
+    Args:
+        url (str): the server's address, e.g. ``http://127.0.0.1:8000``.
+        token (str, optional): shared secret sent as ``Authorization: Bearer``; defaults to the
+            ``TEMPFLOW_REWARD_TOKEN`` environment variable (keeps secrets out of recipes).
+        timeout (float, default 60): seconds to wait for one batch.
+        retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP 502/503/504.
+        batch_size (int, default 16): images per request.
+        retry_wait (float, default 1): seconds before the first retry, doubling after each.
     """
 
     def __init__(
@@ -99,12 +101,8 @@ class RemoteReward:
     ):
         self.url = url.rstrip("/").removesuffix("/score")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
-        self.timeout, self.retries, self.batch_size, self.retry_wait = (
-            timeout,
-            retries,
-            batch_size,
-            retry_wait,
-        )
+        self.timeout, self.retries = timeout, retries
+        self.batch_size, self.retry_wait = batch_size, retry_wait
 
     def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> list[float | None]:
         arrays, prompts = to_uint8(images), list(prompts)

@@ -64,12 +64,14 @@ def parse_score_request(body: bytes):
 
 
 class RewardServer(ThreadingHTTPServer):
-    """Args:
-    reward (callable): the reward to serve.
-    name (str): its name, reported by ``/health`` and in error messages.
-    host (str, default ``127.0.0.1``), port (int, default 8000; 0 picks a free port).
-    token (str, optional): when set, ``/score`` requires ``Authorization: Bearer <token>``.
-    max_request_bytes (int, default 64 MiB): larger bodies get 413.
+    """A threaded HTTP server for one reward.
+
+    Args:
+        reward (callable): the reward to serve.
+        name (str): its name, reported by ``/health`` and in error messages.
+        host (str, default ``127.0.0.1``), port (int, default 8000; 0 picks a free port).
+        token (str, optional): when set, ``/score`` requires ``Authorization: Bearer <token>``.
+        max_request_bytes (int, default 64 MiB): larger bodies get 413.
     """
 
     daemon_threads = True

@@ -88,7 +88,7 @@ class _Track:
     sigmas: torch.Tensor  # the schedule this track follows (CPU float32), ends at 0
     prompt_index: int
     seed: int
-    kind: str  # "main" | "child" | "trajectory"
+    kind: str  # "main" (ODE path that spawns children) | "ode" (ODE to the end, scored) | "trajectory"
     position: int = 0
     sample_index: int = -1  # where the final latent goes; -1 for main tracks
     trajectory_index: int = -1  # main: which (prompt, seed) path this is
@@ -141,7 +141,7 @@ class RolloutEngine:
     def sample(self, embeds: PromptEmbeds, prompt_index, seeds, num_steps: int) -> torch.Tensor:
         """Deterministic ODE samples (evaluation): final latents, one per (prompt index, seed)."""
         sigmas = self.policy.sigma_schedule(num_steps)
-        tracks = [self._start(sigmas, p, s, "child", sample_index=k) for k, (p, s) in enumerate(zip(prompt_index, seeds))]
+        tracks = [self._start(sigmas, p, s, "ode", sample_index=k) for k, (p, s) in enumerate(zip(prompt_index, seeds))]
         result = self._run(tracks, embeds, len(tracks))
         return result.final_latents
 
@@ -273,7 +273,7 @@ class RolloutEngine:
         for j in range(g):
             rows.append(self._row(track, latents, _index_output(out, j), first + j))
             children.append(_Track(out.next_latents[j : j + 1], child_sigmas, track.prompt_index, track.seed,
-                                   "child", sample_index=first + j))
+                                   "ode", sample_index=first + j))
         return children
 
     def _row(self, track: _Track, latents, out, sample_index: int) -> dict:

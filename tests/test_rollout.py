@@ -59,7 +59,7 @@ def test_children_share_the_ode_prefix_bit_for_bit(sd3_policy):
             assert len(torch.unique(groups)) == 1
     # the branch state at step 0 is the initial noise, the same as an ODE sample from the same seed starts at
     initial = rows.latents[(rows.step_index == 0) & (rows.prompt_index == 0)][0]
-    torch.testing.assert_close(initial, engine._start(sd3_policy.sigma_schedule(N), 0, 11, "child").latents[0])
+    torch.testing.assert_close(initial, engine._start(sd3_policy.sigma_schedule(N), 0, 11, "ode").latents[0])
 
 
 def test_packing_changes_no_result(sd3_policy):
