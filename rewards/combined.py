@@ -24,8 +24,11 @@ class CombinedReward:
         self.error_policy = error_policy
 
     @classmethod
-    def from_names(cls, names: list[str], weights=None, error_policy: str = "raise") -> CombinedReward:
-        return cls({name: get_reward(name) for name in names}, weights, error_policy)
+    def from_names(cls, names: list[str], weights=None, error_policy: str = "raise",
+                   kwargs: dict[str, dict] | None = None) -> CombinedReward:
+        """Resolve rewards by name; ``kwargs[name]`` goes to that reward's constructor."""
+        kwargs = kwargs or {}
+        return cls({name: get_reward(name, **kwargs.get(name, {})) for name in names}, weights, error_policy)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> tuple[torch.Tensor, dict]:
         components = {name: self._score(name, func, images, prompts, metadata) for name, func in self.rewards.items()}

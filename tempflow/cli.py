@@ -4,6 +4,7 @@
     tempflow eval [--model M] [--lora DIR] ...         score a model (+ LoRA) on a prompt set
     tempflow sample --prompt "..." [--lora DIR] ...    generate images
     tempflow pretrain-shapes                           rebuild the ShapesWorld pipeline
+    tempflow serve-reward NAME [--port P] [--token T]  run a reward behind HTTP (the `remote` reward calls it)
 
 Exit codes: 0 done; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
 non-finite steps); 128+N stopped by signal N after writing a checkpoint (resume with
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     sample_parser.add_argument("--prompts", default="shapes:eval", help="prompt file, used without --prompt")
     sample_parser.add_argument("--output", default="outputs/samples", help="output directory")
     commands.add_parser("pretrain-shapes", help="pretrain the ShapesWorld pipeline (see --help)", add_help=False)
+    commands.add_parser("serve-reward", help="serve a registered reward over HTTP (see --help)", add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from .shapes.pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:]) or 0
+    if argv[:1] == ["serve-reward"]:
+        from .rewards.server import main as serve_reward
+
+        return serve_reward(argv[1:]) or 0
     args, overrides = parser.parse_known_args(argv)
     from .rewards.combined import RewardError
     from .trainer import NonFiniteTrainingError

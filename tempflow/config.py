@@ -8,6 +8,7 @@ of these fields; ``tempflow train RECIPE.yaml --key value`` overrides any of the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -138,6 +139,11 @@ class TempFlowGRPOConfig:
     reward_funcs: list[str] = _help(
         "Registered reward names or `package.module:function` paths.", default_factory=lambda: ["shapes"]
     )
+    reward_kwargs: dict | str | None = _help(
+        "Constructor arguments of reward classes, by reward name, e.g. {pickscore: {normalize: true}} "
+        "(JSON on the command line).",
+        default=None,
+    )
     reward_weights: list[float] | None = _help("Weight of each reward in the sum; default all 1.", default=None)
     eval_reward_funcs: list[str] = _help(
         "Extra rewards computed only at evaluation (e.g. `shapes_strict` for GenEval-style accuracy).",
@@ -159,6 +165,12 @@ class TempFlowGRPOConfig:
     disable_progress_bar: bool = _help("Hide progress bars.", default=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.reward_kwargs, str):
+            try:
+                self.reward_kwargs = json.loads(self.reward_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config `reward_kwargs`: not valid JSON ({err.msg})") from None
+        self.reward_kwargs = self.reward_kwargs or {}
         self._validate()
 
     def _validate(self) -> None:
@@ -222,6 +234,11 @@ class TempFlowGRPOConfig:
                 reject("sde_window_range", "a window starting at `last` would reach the final step")
         if not self.reward_funcs:
             reject("reward_funcs", "needs at least one reward")
+        if not isinstance(self.reward_kwargs, dict) or not all(isinstance(v, dict) for v in self.reward_kwargs.values()):
+            reject("reward_kwargs", "must map reward names to dicts of constructor arguments")
+        stray = sorted(set(self.reward_kwargs) - set(self.reward_funcs) - set(self.eval_reward_funcs))
+        if stray:
+            reject("reward_kwargs", f"names rewards that are not used: {stray}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
         if self.branched and self.sde_window_size is not None:

@@ -92,10 +92,13 @@ class TempFlowGRPOTrainer:
             eval_prompts = load_prompts(config.eval_prompts)
         self.eval_prompts = (eval_prompts or [])[: config.num_eval_prompts]
         if reward_funcs is None:
-            self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights, config.reward_error_policy)
+            self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights,
+                                                    config.reward_error_policy, config.reward_kwargs)
         else:
             self.reward = CombinedReward(reward_funcs, config.reward_weights, config.reward_error_policy)
-        self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs) if config.eval_reward_funcs else None
+        self.eval_reward = None
+        if config.eval_reward_funcs:
+            self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs)
 
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,

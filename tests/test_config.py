@@ -60,3 +60,15 @@ def test_algorithm_switches():
     assert not flow.branched and not flow.weighted
     ablation = TempFlowGRPOConfig(branching=False)
     assert not ablation.branched and ablation.weighted
+
+
+def test_reward_kwargs_from_yaml_and_json(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("reward_funcs: [remote]\nreward_kwargs:\n  remote: {url: 'http://127.0.0.1:9'}\n")
+    assert _parse_config(str(recipe), []).reward_kwargs == {"remote": {"url": "http://127.0.0.1:9"}}
+    config = _parse_config(str(recipe), ["--reward_kwargs", '{"remote": {"timeout": 5}}'])
+    assert config.reward_kwargs == {"remote": {"timeout": 5}}
+    with pytest.raises(ValueError, match="`reward_kwargs`: not valid JSON"):
+        _parse_config(str(recipe), ["--reward_kwargs", "{oops"])
+    with pytest.raises(ValueError, match="not used: \\['pickscore'\\]"):
+        TempFlowGRPOConfig(reward_funcs=["shapes"], reward_kwargs={"pickscore": {}})

@@ -196,18 +196,18 @@ def test_serve_reward_command_serves_until_stopped():
         "--token",
         "t0k",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline() if ready else ""
-        url = re.search(r"http://\S+", line)
-        assert url, f"no address announced: {line!r}"
-        images = quantized_images(3)
-        remote = get_reward("remote", url=url.group(0), token="t0k", retries=0)
-        assert remote(images, ["p"] * 3) == get_reward("brightness")(images, ["p"] * 3)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
+        try:
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            line = process.stdout.readline() if ready else ""
+            url = re.search(r"http://\S+", line)
+            assert url, f"no address announced: {line!r}"
+            images = quantized_images(3)
+            remote = get_reward("remote", url=url.group(0), token="t0k", retries=0)
+            assert remote(images, ["p"] * 3) == get_reward("brightness")(images, ["p"] * 3)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def test_serve_reward_rejects_bad_reward_kwargs():
