@@ -10,7 +10,8 @@ and repeatedly evaluates the transformer on up to ``batch_size`` of them at once
 - a **trajectory** track (Flow-GRPO) takes SDE steps inside its SDE window and ODE steps elsewhere.
 
 Noise comes from generators seeded per (track seed, step, child), so results do not depend on how tracks
-are packed into batches. Each SDE step taken becomes a training transition (x_i, x_{i+1}, log p_old).
+are packed into batches. Each SDE step taken becomes a training transition (x_i, x_{i+1}, log p_old). ``on_finished(sample_index,
+prompt_index, latents)`` is called as scored samples finish, so decoding and scoring can overlap the rollout.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class RolloutEngine:
         group_ids: list[int],
         num_steps: int,
         sde_window: tuple[int, int] | None = None,
+        on_finished=None,
     ) -> Rollout:
         """Flow-GRPO: one SDE trajectory per (prompt index, seed). With ``sde_window = (start, size)`` only
         steps ``start .. start+size−1`` are stochastic (ODE elsewhere); otherwise every step is. Every
@@ -169,7 +171,7 @@ class RolloutEngine:
                         trained_positions=trained)
             for k, (p, s) in enumerate(zip(prompt_index, seeds))
         ]
-        result = self._run(tracks, embeds, len(tracks))
+        result = self._run(tracks, embeds, len(tracks), on_finished)
         result.sample_group = torch.as_tensor(group_ids, dtype=torch.long)
         return result
 
@@ -183,6 +185,7 @@ class RolloutEngine:
         branch_steps: list[int],
         num_children: int,
         child_num_steps: int | None = None,
+        on_finished=None,
     ) -> Rollout:
         """TempFlow-GRPO: an ODE main path per (prompt index, seed), with ``num_children`` SDE children at each
         of ``branch_steps``, each finished with the ODE. Sample ``(trajectory, branch step, child)`` sits at
@@ -196,7 +199,7 @@ class RolloutEngine:
             for t, (p, s) in enumerate(zip(prompt_index, seeds))
         ]
         num_samples = len(tracks) * len(branch_steps) * num_children
-        result = self._run(tracks, embeds, num_samples)
+        result = self._run(tracks, embeds, num_samples, on_finished)
         per_trajectory = len(branch_steps) * num_children
         sample = torch.arange(num_samples)
         result.sample_group = sample // num_children
@@ -209,7 +212,7 @@ class RolloutEngine:
         noise = self.policy.initial_noise(seeded_generator(seed, _INITIAL))
         return _Track(noise.to(self.policy.device), sigmas, int(prompt_index), int(seed), kind, **kwargs)
 
-    def _run(self, tracks: list[_Track], embeds: PromptEmbeds, num_samples: int) -> Rollout:
+    def _run(self, tracks: list[_Track], embeds: PromptEmbeds, num_samples: int, on_finished=None) -> Rollout:
         queue = deque(tracks)
         finals: list[torch.Tensor | None] = [None] * num_samples
         sample_prompt = [-1] * num_samples
@@ -237,6 +240,7 @@ class RolloutEngine:
                 for j, k in enumerate(stochastic):
                     if batch[k].position in batch[k].trained_positions:
                         rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index))
+            finished = []
             for k, track in enumerate(batch):
                 if track.kind == "main" and track.position in track.branch_positions:
                     queue.extend(self._spawn_children(track, latents[k : k + 1], velocity[k : k + 1], rows))
@@ -247,6 +251,10 @@ class RolloutEngine:
                 elif track.sample_index >= 0:
                     finals[track.sample_index] = track.latents
                     sample_prompt[track.sample_index] = track.prompt_index
+                    finished.append(track)
+            if finished and on_finished is not None:
+                on_finished([t.sample_index for t in finished], [t.prompt_index for t in finished],
+                            torch.cat([t.latents for t in finished]))
         transitions = Transitions.cat([Transitions(**r) for r in rows]) if rows else None
         return Rollout(
             transitions=transitions,

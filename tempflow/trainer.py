@@ -36,6 +36,7 @@ from .policies import FlowPolicy, load_policy
 from .prompts import load_prompts
 from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
 from .sampling import step_kl, stochastic_step
+from .scoring import StreamingScorer
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -190,8 +191,9 @@ class TempFlowGRPOTrainer:
         return int(np.random.SeedSequence([self.config.seed, self.iteration, self.accelerator.process_index, *key])
                    .generate_state(1)[0])
 
-    def rollout(self, prompts: list[dict]) -> tuple[Rollout, object]:
-        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO) or full trajectories."""
+    def rollout(self, prompts: list[dict], on_finished=None) -> tuple[Rollout, object]:
+        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO) or full trajectories.
+        ``on_finished`` receives samples as they finish (see :class:`~tempflow.rollout.RolloutEngine`)."""
         config = self.config
         embeds = self.policy.encode_prompts([r["prompt"] for r in prompts])
         if config.branched:
@@ -204,7 +206,7 @@ class TempFlowGRPOTrainer:
                 steps = sorted(rng.choice(steps, size=config.num_branch_steps_per_iteration, replace=False).tolist())
             rollout = self.engine.branched(
                 embeds, prompt_index, seeds, config.num_inference_steps, steps, config.num_generations,
-                config.child_num_inference_steps,
+                config.child_num_inference_steps, on_finished=on_finished,
             )
             if config.advantage_group == "prompt":  # siblings of all seeds of a prompt, per branch step
                 trajectory = rollout.sample_group // len(steps)
@@ -217,7 +219,8 @@ class TempFlowGRPOTrainer:
         if config.sde_window_size:
             first, last = config.sde_window_range or (0, config.num_inference_steps - 1 - config.sde_window_size)
             window = (int(self._iteration_rng(3).integers(first, last + 1)), config.sde_window_size)
-        rollout = self.engine.trajectories(embeds, prompt_index, seeds, prompt_index, config.num_inference_steps, window)
+        rollout = self.engine.trajectories(embeds, prompt_index, seeds, prompt_index, config.num_inference_steps, window,
+                                           on_finished=on_finished)
         return rollout, embeds
 
     def compute_advantages(self, rollout: Rollout, rewards: torch.Tensor) -> None:
@@ -317,11 +320,10 @@ class TempFlowGRPOTrainer:
         start = time.perf_counter()
         prompts = self._sample_prompts()
         self.policy.transformer.eval()
+        scorer = StreamingScorer(self.policy, self.reward, prompts, self.policy.decode_batch_size)
         with self.accelerator.autocast():  # the same precision as the log-prob recomputation, or ratio ≠ 1
-            rollout, embeds = self.rollout(prompts)
-        images = self.policy.decode(rollout.final_latents)
-        sample_prompts = [prompts[i] for i in rollout.sample_prompt_index.tolist()]
-        rewards, components = score_images(self.reward, images, sample_prompts)
+            rollout, embeds = self.rollout(prompts, on_finished=scorer.add)
+        rewards, components = scorer.results(len(rollout.final_latents))
         self.compute_advantages(rollout, rewards)
         rollout_time = time.perf_counter() - start
         self.policy.transformer.train()
@@ -338,7 +340,7 @@ class TempFlowGRPOTrainer:
             "rollout/model_evals": rollout.num_model_evals,
             "rollout/seconds": rollout_time,
             "iteration/seconds": time.perf_counter() - start,
-            "images_per_second": len(images) / rollout_time,
+            "images_per_second": len(rollout.final_latents) / rollout_time,
         })
         for name, values in components.items():
             metrics[f"reward/{name}"] = self._global_mean(values)
