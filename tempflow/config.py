@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .attention import ATTENTION_BACKENDS
+
 ALGORITHMS = ("tempflow_grpo", "flow_grpo")
 
 
@@ -43,6 +45,11 @@ class TempFlowGRPOConfig:
     )
     max_sequence_length: int | None = _help(
         "T5 tokens per prompt; default the family's (SD3 256, FLUX 512).", default=None
+    )
+    attention_backend: str = _help(
+        "Dense attention kernel for rollouts and log-prob recomputation alike: auto, sdpa, sdpa_cudnn, sdpa_flash, "
+        "sdpa_efficient, sdpa_math, or (FLUX) flex, sage, flash_attn.",
+        default="auto",
     )
     mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
 
@@ -190,6 +197,7 @@ class TempFlowGRPOConfig:
         one_of("algorithm", ALGORITHMS)
         one_of("model_family", ("auto", "sd3", "flux"))
         one_of("mixed_precision", ("no", "fp16", "bf16"))
+        one_of("attention_backend", ATTENTION_BACKENDS)
         one_of("sde_type", ("sde", "cps"))
         one_of("advantage_group", ("seed", "prompt"))
         one_of("scale_rewards", ("group", "batch", "none"))

@@ -116,6 +116,7 @@ class TempFlowGRPOTrainer:
             max_sequence_length=config.max_sequence_length,
         )
         self.policy.to(self.accelerator.device)
+        self.policy.set_attention_backend(config.attention_backend)
         self.trainable = self._setup_trainable()
         optimizer = torch.optim.AdamW(
             self.trainable,

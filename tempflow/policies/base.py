@@ -53,6 +53,7 @@ class FlowPolicy:
         guidance_scale: float = 1.0,
         max_sequence_length: int | None = None,
         decode_batch_size: int = 8,
+        attention_backend: str = "sdpa",
     ):
         self.pipeline = pipeline
         self.resolution = resolution
@@ -61,6 +62,23 @@ class FlowPolicy:
         self.decode_batch_size = decode_batch_size
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self._frozen_reference: torch.nn.Module | None = None
+        self.attention_backend = "sdpa"
+        self.set_attention_backend(attention_backend)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Choose the dense attention kernel (see :mod:`tempflow.attention.backends`); ``auto`` picks by device."""
+        from ..attention.backends import apply_attention_backend, resolve_attention_backend
+
+        resolved = resolve_attention_backend(name, self.device)
+        apply_attention_backend(self.transformer, self.family, resolved)
+        self.attention_backend = resolved
+
+    def _forward(self, model: torch.nn.Module, **inputs) -> torch.Tensor:
+        """One transformer call under the policy's attention kernel; the prediction in float32."""
+        from ..attention.backends import attention_context
+
+        with attention_context(self.attention_backend):
+            return model(**inputs, return_dict=False)[0].float()
 
     # --- loading -------------------------------------------------------------------------------------------
     @classmethod

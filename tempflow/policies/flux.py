@@ -57,7 +57,8 @@ class FluxPolicy(FlowPolicy):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
-        return model(
+        return self._forward(
+            model,
             hidden_states=latents.to(dtype),
             timestep=sigmas.to(device, torch.float32),
             guidance=guidance,
@@ -65,5 +66,4 @@ class FluxPolicy(FlowPolicy):
             encoder_hidden_states=context.to(dtype),
             txt_ids=text_ids,
             img_ids=image_ids,
-            return_dict=False,
-        )[0].float()
+        )

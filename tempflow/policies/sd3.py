@@ -64,13 +64,13 @@ class SD3Policy(FlowPolicy):
             model_input = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
         dtype = self.transformer.dtype
-        prediction = model(
+        prediction = self._forward(
+            model,
             hidden_states=model_input.to(dtype),
             timestep=timesteps,
             encoder_hidden_states=context.to(dtype),
             pooled_projections=pooled.to(dtype),
-            return_dict=False,
-        )[0].float()
+        )
         if self.do_cfg:
             uncond, cond = prediction.chunk(2)
             return classifier_free_guidance(uncond, cond, self.guidance_scale)

@@ -1,0 +1,46 @@
+"""Attention backend selection: every SDPA kernel available on the CPU gives the same velocity, the setting
+covers rollouts and recomputation alike, and unsupported combinations fail clearly."""
+
+import pytest
+import torch
+
+from tempflow.attention.backends import resolve_attention_backend
+from tempflow.config import TempFlowGRPOConfig
+from tempflow.rollout import RolloutEngine
+from tempflow.sampling import sde_step
+
+
+def _velocity(policy):
+    latents = torch.randn(3, *policy.initial_noise(torch.Generator()).shape[1:],
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return policy.velocity(latents, torch.tensor([0.9, 0.5, 0.2]), policy.encode_prompts(["a red square"] * 3))
+
+
+@pytest.mark.parametrize("backend", ["sdpa_math", "sdpa_flash"])
+def test_cpu_kernels_match_default_sdpa(any_policy, backend):
+    reference = _velocity(any_policy)
+    any_policy.set_attention_backend(backend)
+    assert any_policy.attention_backend == backend
+    torch.testing.assert_close(_velocity(any_policy), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_applies_to_rollout_and_recomputation(sd3_policy):
+    sd3_policy.set_attention_backend("sdpa_math")
+    engine = RolloutEngine(sd3_policy, noise_level=0.7)
+    embeds = sd3_policy.encode_prompts(["a red square"])
+    rows = engine.branched(embeds, [0], [5], 3, [0, 1], 2).transitions
+    with torch.no_grad():
+        velocity = sd3_policy.velocity(rows.latents, rows.sigmas, embeds[rows.prompt_index])
+    out = sde_step(rows.latents, velocity, rows.sigmas, rows.sigmas_next, 0.7, next_latents=rows.next_latents)
+    torch.testing.assert_close(out.log_prob, rows.log_probs, atol=1e-6, rtol=0)
+
+
+def test_auto_and_validation(sd3_policy):
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_attention_backend("fastest", torch.device("cpu"))
+    with pytest.raises(ValueError, match="SD3's processor does not use"):
+        sd3_policy.set_attention_backend("flex")
+    with pytest.raises(ValueError, match="`attention_backend`"):
+        TempFlowGRPOConfig(attention_backend="fastest")
