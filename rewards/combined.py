@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import torch
@@ -16,19 +17,22 @@ class RewardError(RuntimeError):
 
 class CombinedReward:
     """Score images with every reward; ``total = Σ wᵢ·rᵢ``. A sample that a reward could not score (``None``,
-    NaN or inf) gets NaN in the total, or, with ``error_policy="raise"``, stops with the reward's name."""
+    NaN or inf, or the whole batch when the reward raises or exceeds ``timeout`` seconds) gets NaN in the
+    total, or, with ``error_policy="raise"``, stops with the reward's name."""
 
-    def __init__(self, rewards: dict, weights: list[float] | None = None, error_policy: str = "raise"):
+    def __init__(self, rewards: dict, weights: list[float] | None = None, error_policy: str = "raise",
+                 timeout: float | None = None):
         self.rewards = rewards
         self.weights = list(weights) if weights is not None else [1.0] * len(rewards)
         self.error_policy = error_policy
+        self.timeout = timeout
 
     @classmethod
     def from_names(cls, names: list[str], weights=None, error_policy: str = "raise",
-                   kwargs: dict[str, dict] | None = None) -> CombinedReward:
+                   kwargs: dict[str, dict] | None = None, timeout: float | None = None) -> CombinedReward:
         """Resolve rewards by name; ``kwargs[name]`` goes to that reward's constructor."""
         kwargs = kwargs or {}
-        return cls({name: get_reward(name, **kwargs.get(name, {})) for name in names}, weights, error_policy)
+        return cls({name: get_reward(name, **kwargs.get(name, {})) for name in names}, weights, error_policy, timeout)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> tuple[torch.Tensor, dict]:
         components = {name: self._score(name, func, images, prompts, metadata) for name, func in self.rewards.items()}
@@ -37,7 +41,7 @@ class CombinedReward:
 
     def _score(self, name, func, images, prompts, metadata) -> torch.Tensor:
         try:
-            scores = list(func(images, prompts, **metadata))
+            scores = list(_call_with_timeout(func, self.timeout, images, prompts, **metadata))
         except Exception as err:
             if self.error_policy == "raise":
                 raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
@@ -53,3 +57,26 @@ class CombinedReward:
             warnings.warn(f"reward {name!r} could not score {bad} sample(s); they are skipped", stacklevel=2)
             values[~torch.isfinite(values)] = math.nan
         return values
+
+
+def _call_with_timeout(func, timeout: float | None, *args, **kwargs):
+    """``func(*args, **kwargs)``, or ``TimeoutError`` after ``timeout`` seconds. A Python call cannot be killed:
+    a timed-out reward runs on in a daemon thread and its result is dropped."""
+    if timeout is None:
+        return func(*args, **kwargs)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = func(*args, **kwargs)
+        except BaseException as err:  # handed to the caller, which decides by the error policy
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True, name="tempflow-reward")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"no scores after {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

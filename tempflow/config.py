@@ -156,8 +156,11 @@ class TempFlowGRPOConfig:
         "Extra rewards computed only at evaluation (e.g. `shapes_strict` for GenEval-style accuracy).",
         default_factory=list,
     )
+    reward_timeout: float | None = _help(
+        "Seconds a reward may take for one batch; a slower one is handled by reward_error_policy.", default=None
+    )
     reward_error_policy: str = _help(
-        "When a reward raises or returns NaN/None: `raise` (stop with the reward's name) or `skip` (leave the "
+        "When a reward raises, times out or returns NaN/None: `raise` (stop with the reward's name) or `skip` (leave the "
         "sample out of advantages, with a warning).",
         default="raise",
     )
@@ -209,7 +212,7 @@ class TempFlowGRPOConfig:
             "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
             "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "epsilon",
             "adv_clip_max", "sde_window_size", "num_branch_steps_per_iteration", "child_num_inference_steps",
-            "eval_steps", "num_eval_prompts", "max_sequence_length", "max_consecutive_skipped_steps",
+            "eval_steps", "num_eval_prompts", "max_sequence_length", "max_consecutive_skipped_steps", "reward_timeout",
         )
         if self.num_generations < 2:
             reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")

@@ -94,9 +94,11 @@ class TempFlowGRPOTrainer:
         self.eval_prompts = (eval_prompts or [])[: config.num_eval_prompts]
         if reward_funcs is None:
             self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights,
-                                                    config.reward_error_policy, config.reward_kwargs)
+                                                    config.reward_error_policy, config.reward_kwargs,
+                                                    config.reward_timeout)
         else:
-            self.reward = CombinedReward(reward_funcs, config.reward_weights, config.reward_error_policy)
+            self.reward = CombinedReward(reward_funcs, config.reward_weights, config.reward_error_policy,
+                                         config.reward_timeout)
         self.eval_reward = None
         if config.eval_reward_funcs:
             self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs)

@@ -92,3 +92,22 @@ def test_image_conversions():
     arrays = to_uint8(images)
     assert arrays.shape == (2, 5, 7, 3) and arrays.dtype.name == "uint8"
     assert to_pil(images)[0].size == (7, 5)
+
+
+def test_slow_rewards_time_out_by_policy():
+    import time
+
+    def slow(images, prompts, **metadata):
+        time.sleep(2)
+        return [1.0] * len(prompts)
+
+    images = torch.zeros(2, 3, 4, 4)
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match="'slow' raised TimeoutError: no scores after 0.2 s"):
+        CombinedReward({"slow": slow}, timeout=0.2)(images, ["a", "b"])
+    assert time.perf_counter() - start < 1.5
+    with pytest.warns(UserWarning, match="slow"):
+        total, _ = CombinedReward({"slow": slow}, error_policy="skip", timeout=0.2)(images, ["a", "b"])
+    assert torch.isnan(total).all()
+    fast, _ = CombinedReward({"fast": lambda im, p, **m: [2.0] * len(p)}, timeout=5)(images, ["a", "b"])
+    assert fast.tolist() == [2.0, 2.0]
