@@ -77,7 +77,8 @@ def test_short_pretraining_runs_end_to_end_and_reloads(tmp_path):
         tmp_path, seed=0, vae_steps=2, transformer_steps=2, batch_size=2, vae_batch_size=2, progress=False,
         vae_eval_scenes=4,
     )
-    assert np.isfinite(metrics["flow_loss"]) and np.isfinite(metrics["vae_mse"])
+    assert np.isfinite(metrics["flow_loss"])
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
     reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path)
     assert reloaded.vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
     assert _generate(reloaded, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)
