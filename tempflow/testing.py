@@ -133,8 +133,9 @@ def _clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int) -> CLIPTextCon
     )
 
 
-def _t5_encoder(seed: int, tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
-    config = T5Config(
+def tiny_t5_config(tokenizer: T5TokenizerFast, d_model: int) -> T5Config:
+    """A two-layer T5 encoder config sized by ``d_model`` (shared by the test pipelines and ShapesWorld)."""
+    return T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=d_model // 4,
@@ -149,6 +150,10 @@ def _t5_encoder(seed: int, tokenizer: T5TokenizerFast, d_model: int) -> T5Encode
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
+
+
+def _t5_encoder(seed: int, tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
+    config = tiny_t5_config(tokenizer, d_model)
     return _seeded(seed, lambda: T5EncoderModel(config))
 
 

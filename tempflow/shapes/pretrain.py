@@ -43,12 +43,11 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from tempflow.testing import build_t5_tokenizer
+from tempflow.testing import build_t5_tokenizer, tiny_t5_config
 
 from .detector import strict_score
 from .world import BACKGROUND, TASKS, VOCABULARY, load_prompt_set, render_scene
@@ -118,22 +117,7 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
 
 
 def _t5_encoder(tokenizer) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=JOINT_ATTENTION_DIM,
-        d_kv=JOINT_ATTENTION_DIM // 4,
-        d_ff=2 * JOINT_ATTENTION_DIM,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return T5EncoderModel(config)
+    return T5EncoderModel(tiny_t5_config(tokenizer, JOINT_ATTENTION_DIM))
 
 
 def _vae() -> AutoencoderKL:
