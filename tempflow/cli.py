@@ -86,8 +86,8 @@ def evaluate(args) -> dict:
     reward = CombinedReward.from_names(args.rewards)
     policy, engine = _load_for_sampling(args)
     images = sample_images(policy, engine, records, evaluation_seeds(args.seed, list(range(len(records)))),
-                           args.num_steps)
-    _, components = score_images(reward, images, records)
+                           args.num_steps, progress=True)
+    _, components = score_images(reward, images, records, progress=True)
     results = {name: float(values.nanmean()) for name, values in components.items()}
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def sample(args) -> None:
     records = [{"prompt": p} for p in args.prompt] if args.prompt else load_prompts(args.prompts)[: args.limit]
     policy, engine = _load_for_sampling(args)
     images = sample_images(policy, engine, records, evaluation_seeds(args.seed, list(range(len(records)))),
-                           args.num_steps)
+                           args.num_steps, progress=True)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(to_pil(images)):
@@ -125,7 +125,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-steps", type=int, default=20, help="ODE steps (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=4.5, help="CFG / guidance scale (default 4.5)")
     parser.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
-    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt (default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=64, help="latents per transformer call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")

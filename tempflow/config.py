@@ -44,7 +44,9 @@ class TempFlowGRPOConfig:
         default=4.5,
     )
     max_sequence_length: int | None = _help(
-        "T5 tokens per prompt; default the family's (SD3 256, FLUX 512).", default=None
+        "T5 tokens per prompt; default the family's (SD3 256, FLUX 512), or the pipeline T5 tokenizer's "
+        "`model_max_length` when shorter (ShapesWorld: 8).",
+        default=None,
     )
     attention_backend: str = _help(
         "Dense attention kernel for rollouts and log-prob recomputation alike: auto, sdpa, sdpa_cudnn, sdpa_flash, "

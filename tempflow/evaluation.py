@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .policies import FlowPolicy
 from .prompts import metadata_columns
@@ -19,16 +20,47 @@ def evaluation_seeds(seed: int, positions: list[int]) -> list[int]:
     return [int(np.random.SeedSequence([seed, 7, p]).generate_state(1)[0]) for p in positions]
 
 
+SCORING_CHUNK_SIZE = 32
+
+
+def _chunks(count: int, size: int, description: str, progress: bool):
+    """``(start, stop)`` ranges of ``size`` items with a progress bar counting images."""
+    bar = tqdm(total=count, desc=description, unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        yield start, stop
+        bar.update(stop - start)
+    bar.close()
+
+
 @torch.no_grad()
 def sample_images(
-    policy: FlowPolicy, engine: RolloutEngine, records: list[dict], seeds: list[int], num_steps: int
+    policy: FlowPolicy,
+    engine: RolloutEngine,
+    records: list[dict],
+    seeds: list[int],
+    num_steps: int,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """ODE samples ``[B, 3, H, W]`` in [0, 1], one per prompt record and seed."""
+    """ODE samples ``[B, 3, H, W]`` in [0, 1], one per prompt record and seed, made a rollout batch at a time
+    (noise is seeded per sample, so the chunking changes no image)."""
     embeds = policy.encode_prompts([r["prompt"] for r in records])
-    latents = engine.sample(embeds, list(range(len(records))), seeds, num_steps)
-    return policy.decode(latents).cpu()
+    images = []
+    for start, stop in _chunks(len(records), engine.batch_size, "sampling", progress):
+        latents = engine.sample(embeds, list(range(start, stop)), seeds[start:stop], num_steps)
+        images.append(policy.decode(latents).cpu())
+    return torch.cat(images)
 
 
-def score_images(reward, images: torch.Tensor, records: list[dict]) -> tuple[torch.Tensor, dict]:
+def score_images(
+    reward, images: torch.Tensor, records: list[dict], progress: bool = False
+) -> tuple[torch.Tensor, dict]:
     """A :class:`~tempflow.rewards.combined.CombinedReward` applied to images of the given records."""
-    return reward(images, [r["prompt"] for r in records], **metadata_columns(records))
+    totals, components = [], {}
+    for start, stop in _chunks(len(records), SCORING_CHUNK_SIZE, "scoring", progress):
+        chunk = records[start:stop]
+        total, parts = reward(images[start:stop], [r["prompt"] for r in chunk], **metadata_columns(chunk))
+        totals.append(total)
+        for name, values in parts.items():
+            components.setdefault(name, []).append(values)
+    return torch.cat(totals), {name: torch.cat(values) for name, values in components.items()}

@@ -95,7 +95,9 @@ def _t5_backend(words: tuple[str, ...]) -> Tokenizer:
     return backend
 
 
-def build_t5_tokenizer(vocab_words: list[str] | None = None) -> T5TokenizerFast:
+def build_t5_tokenizer(
+    vocab_words: list[str] | None = None, model_max_length: int = _T5_MAX_LENGTH
+) -> T5TokenizerFast:
     """A T5-style tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) whose vocabulary is ``vocab_words``, each one
     token, plus single ASCII characters; defaults to colours, shapes, counts and spatial words."""
     words = tuple(vocab_words) if vocab_words is not None else tuple(_DEFAULT_T5_WORDS)
@@ -106,7 +108,7 @@ def build_t5_tokenizer(vocab_words: list[str] | None = None) -> T5TokenizerFast:
         eos_token=eos,
         unk_token=unk,
         extra_ids=0,
-        model_max_length=_T5_MAX_LENGTH,
+        model_max_length=model_max_length,
     )
 
 

@@ -44,6 +44,17 @@ def test_shipped_pipeline_loads_with_plain_from_pretrained_and_generates_64px(sh
     assert torch.isfinite(image).all()
 
 
+def test_policies_default_to_the_shipped_pipelines_t5_length_and_keep_the_family_default_elsewhere(
+    shipped, tiny_sd3_dir
+):
+    from tempflow.policies import SD3Policy, load_policy
+
+    assert shipped.tokenizer_3.model_max_length == MAX_SEQUENCE_LENGTH
+    assert SD3Policy(shipped, resolution=64).max_sequence_length == MAX_SEQUENCE_LENGTH
+    assert SD3Policy(shipped, resolution=64, max_sequence_length=5).max_sequence_length == 5
+    assert load_policy(tiny_sd3_dir, resolution=64).max_sequence_length == SD3Policy.default_max_sequence_length
+
+
 def test_shipped_vae_reconstructions_keep_the_scene(shipped):
     entries = load_prompt_set("eval")[::10]
     images = render_images([e["spec"] for e in entries], np.random.default_rng(0))
@@ -74,11 +85,14 @@ def test_clip_tokenizer_has_one_token_per_word_and_fits_every_prompt():
 
 def test_short_pretraining_runs_end_to_end_and_reloads(tmp_path):
     metrics = pretrain_shapes(
-        tmp_path, seed=0, vae_steps=2, transformer_steps=2, batch_size=2, vae_batch_size=2, progress=False,
-        vae_eval_scenes=4,
+        tmp_path / "pipe", seed=0, vae_steps=2, transformer_steps=3, batch_size=2, vae_batch_size=2, progress=False,
+        vae_eval_scenes=4, snapshot_every=2,
     )
     assert np.isfinite(metrics["flow_loss"])
     assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
-    reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path)
+    snapshot = StableDiffusion3Pipeline.from_pretrained(tmp_path / "pipe-step2")
+    reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "pipe")
+    weight = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(snapshot.transformer.state_dict()[weight], reloaded.transformer.state_dict()[weight])
     assert reloaded.vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
     assert _generate(reloaded, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)

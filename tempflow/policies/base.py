@@ -45,6 +45,7 @@ class FlowPolicy:
     pipeline_class: type = None
     default_lora_target_modules: tuple[str, ...] = ()
     default_max_sequence_length: int = 256
+    t5_tokenizer_attribute: str = ""
 
     def __init__(
         self,
@@ -58,12 +59,19 @@ class FlowPolicy:
         self.pipeline = pipeline
         self.resolution = resolution
         self.guidance_scale = guidance_scale
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.max_sequence_length = max_sequence_length or self._pipeline_max_sequence_length()
         self.decode_batch_size = decode_batch_size
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self._frozen_reference: torch.nn.Module | None = None
         self.attention_backend = "sdpa"
         self.set_attention_backend(attention_backend)
+
+    def _pipeline_max_sequence_length(self) -> int:
+        """The family's default T5 length, or the pipeline's T5 tokenizer ``model_max_length`` when shorter (a
+        pipeline trained on short prompts, like ShapesWorld's, records its length there)."""
+        tokenizer = getattr(self.pipeline, self.t5_tokenizer_attribute, None) if self.t5_tokenizer_attribute else None
+        limit = getattr(tokenizer, "model_max_length", None) or self.default_max_sequence_length
+        return min(self.default_max_sequence_length, limit)
 
     def set_attention_backend(self, name: str) -> None:
         """Choose the dense attention kernel (see :mod:`tempflow.attention.backends`); ``auto`` picks by device."""

@@ -17,6 +17,7 @@ class FluxPolicy(FlowPolicy):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )
     default_max_sequence_length = 512
+    t5_tokenizer_attribute = "tokenizer_2"
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(

@@ -15,6 +15,7 @@ class SD3Policy(FlowPolicy):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )
     default_max_sequence_length = 256
+    t5_tokenizer_attribute = "tokenizer_3"
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(

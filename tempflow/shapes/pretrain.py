@@ -56,10 +56,11 @@ IMAGE_SIZE = 64
 LATENT_CHANNELS = 4
 VAE_CHANNELS = (16, 32, 64)  # three levels: 4x downsampling, 16x16 latents
 CLIP_MAX_LENGTH = 16  # the longest prompt is 14 words (one token each) plus bos and eos
-MAX_SEQUENCE_LENGTH = 8  # T5 tokens (CLIP sees the whole prompt): pass it as max_sequence_length when sampling
+MAX_SEQUENCE_LENGTH = 8  # T5 tokens (CLIP sees the whole prompt); saved as tokenizer_3's model_max_length
 CLIP_WIDTH = 64
 JOINT_ATTENTION_DIM = 128  # the T5 width; the two CLIP widths, summed, are zero-padded up to it
-TRANSFORMER_LAYERS = 4
+TRANSFORMER_LAYERS = 6
+PATCH_SIZE = 4  # 4x4 latent patches: 16 image tokens, 2.5x cheaper per step than 2x2 at equal accuracy per second
 ATTENTION_HEADS, ATTENTION_HEAD_DIM = 4, 32
 SCHEDULER_SHIFT = 3.0
 CAPTION_DROPOUT = 0.1
@@ -70,7 +71,8 @@ VAE_FOREGROUND_WEIGHT = 5.0
 EMA_DECAY = 0.999
 MAX_SCENE_POOL = 16384  # encoded scenes the transformer trains on
 DEFAULT_VAE_STEPS, DEFAULT_VAE_BATCH_SIZE = 600, 32
-DEFAULT_TRANSFORMER_STEPS, DEFAULT_BATCH_SIZE = 2000, 32
+DEFAULT_TRANSFORMER_STEPS, DEFAULT_BATCH_SIZE = 10000, 32
+TRANSFORMER_LR = 3e-3
 RECOMMENDED_GUIDANCE_SCALE = 4.5
 RECOMMENDED_NUM_STEPS = 20
 
@@ -141,7 +143,7 @@ def _transformer() -> SD3Transformer2DModel:
     latent_size = IMAGE_SIZE // 2 ** (len(VAE_CHANNELS) - 1)
     return SD3Transformer2DModel(
         sample_size=latent_size,
-        patch_size=2,
+        patch_size=PATCH_SIZE,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         num_layers=TRANSFORMER_LAYERS,
@@ -158,7 +160,7 @@ def _transformer() -> SD3Transformer2DModel:
 def build_shapes_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """The untrained ShapesWorld pipeline: every weight is a pure function of ``seed`` (float32, eval mode)."""
     clip_tokenizer = build_clip_tokenizer()
-    t5_tokenizer = build_t5_tokenizer(list(VOCABULARY))
+    t5_tokenizer = build_t5_tokenizer(list(VOCABULARY), model_max_length=MAX_SEQUENCE_LENGTH)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = {
@@ -361,11 +363,14 @@ def train_transformer(
     device: str,
     seed: int,
     pool_size: int = 16384,
-    lr: float = 5e-4,
+    lr: float = TRANSFORMER_LR,
     progress: bool = True,
+    snapshot_every: int = 0,
+    on_snapshot=None,
 ) -> tuple[SD3Transformer2DModel, dict]:
     """Rectified-flow training of ``pipeline.transformer`` on a pool of encoded scenes (a fresh posterior
-    sample each time a scene is drawn); returns the EMA copy of the transformer and the final smoothed loss."""
+    sample each time a scene is drawn); returns the EMA copy of the transformer and the final smoothed loss.
+    Every ``snapshot_every`` steps (0: never) ``on_snapshot(step, ema)`` is called."""
     transformer, vae = pipeline.transformer, pipeline.vae
     pool_prompts, pool_means, pool_stds = encode_scene_pool(vae, scenes, pool_size, device, progress)
     prompts = sorted(set(pool_prompts) | {""})
@@ -404,6 +409,8 @@ def train_transformer(
         optimizer.step()
         scheduler.step()
         update_ema(ema, transformer, step)
+        if snapshot_every and on_snapshot is not None and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            on_snapshot(step + 1, ema)
         smoothed_loss = loss.item() if smoothed_loss is None else 0.98 * smoothed_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed_loss:.4f}")
     transformer.eval().requires_grad_(False)
@@ -423,9 +430,11 @@ def pretrain_shapes(
     progress: bool = True,
     vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
     vae_eval_scenes: int = 200,
+    snapshot_every: int = 0,
 ) -> dict:
     """Build the pipeline from ``seed``, train the VAE then the transformer, set the VAE's latent scaling and
-    ``save_pretrained`` the result (EMA transformer weights) to ``output_dir``; returns the measured metrics."""
+    ``save_pretrained`` the result (EMA transformer weights) to ``output_dir``; returns the measured metrics.
+    With ``snapshot_every``, intermediate pipelines are saved beside it as ``<output_dir>-step<N>``."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     pipeline = build_shapes_pipeline(seed).to(device)
@@ -435,6 +444,12 @@ def pretrain_shapes(
         scaling_factor=1 / metrics["latent_std"], shift_factor=metrics["latent_mean"]
     )
     metrics["vae_seconds"] = time.perf_counter() - started
+
+    def save_snapshot(step: int, ema: SD3Transformer2DModel) -> None:
+        snapshot = copy.copy(pipeline)
+        snapshot.transformer = ema
+        snapshot.save_pretrained(f"{output_dir}-step{step}")
+
     pipeline.transformer, flow_metrics = train_transformer(
         pipeline,
         SceneStream(seed + 3),
@@ -444,6 +459,8 @@ def pretrain_shapes(
         seed=seed,
         pool_size=min(MAX_SCENE_POOL, transformer_steps * batch_size),
         progress=progress,
+        snapshot_every=snapshot_every,
+        on_snapshot=save_snapshot,
     )
     metrics.update(flow_metrics)
     pipeline.to("cpu").save_pretrained(output_dir)
@@ -506,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="scenes per transformer step")
     parser.add_argument("--vae-batch-size", type=int, default=DEFAULT_VAE_BATCH_SIZE, help="crops per VAE step")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--snapshot-every", type=int, default=0, help="also save the pipeline every N transformer steps"
+    )
     parser.add_argument("--skip-eval", action="store_true", help="do not evaluate the saved pipeline")
     args = parser.parse_args(argv)
     metrics = pretrain_shapes(
@@ -516,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size,
         device=args.device,
+        snapshot_every=args.snapshot_every,
     )
     if not args.skip_eval:
         metrics["eval"] = evaluate_pipeline(args.output_dir, device=args.device)
