@@ -121,10 +121,15 @@ def main(argv=None) -> None:
     base.update(eval_prompts="shapes:eval", num_eval_prompts=args.num_eval_prompts, eval_steps=None)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = {m: {seed: run(m, seed, args.budget, args.eval_every, base, output_dir) for seed in args.seeds}
-               for m in args.methods}
+    results_path = output_dir / "results.json"
+    results: dict = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            results.setdefault(method, {})[seed] = run(method, seed, args.budget, args.eval_every, base, output_dir)
+            # written after every run, so an interrupted benchmark keeps what it measured
+            results_path.write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
     rows = summarise(results, args.budget, args.eval_every)
-    (output_dir / "results.json").write_text(json.dumps({"args": vars(args), "runs": results, "summary": rows}, indent=2))
+    results_path.write_text(json.dumps({"args": vars(args), "runs": results, "summary": rows}, indent=2))
     table = markdown_table(rows)
     (output_dir / "table.md").write_text(table + "\n")
     plot(results, output_dir / "accuracy.png")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tempflow.cli import main
 
 TINY_RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
@@ -36,3 +38,13 @@ def test_two_process_training_and_single_process_resume(tiny_sd3_dir, tmp_path):
     assert main(["train", TINY_RECIPE, *common, "--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["iterations"] == 3 and len(resumed["history"]) == 3
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_accelerate_launch_configs_load_with_accelerates_own_reader(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.num_machines >= 1
+    assert config.mixed_precision == "no"  # the recipe's mixed_precision decides; see the file's comment
