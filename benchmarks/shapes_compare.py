@@ -114,11 +114,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--num-eval-prompts", type=int, default=None, help="held-out prompts (default all)")
+    parser.add_argument("--prompts-per-iteration", type=int, default=None, help="override the recipe's")
     parser.add_argument("--output-dir", default="outputs/shapes_compare")
     args = parser.parse_args(argv)
 
     base = yaml.safe_load(RECIPE.read_text())
     base.update(eval_prompts="shapes:eval", num_eval_prompts=args.num_eval_prompts, eval_steps=None)
+    if args.prompts_per_iteration:
+        base["prompts_per_iteration"] = args.prompts_per_iteration
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / "results.json"

@@ -53,6 +53,14 @@ class TempFlowGRPOConfig:
         "sdpa_efficient, sdpa_math, or (FLUX) flex, sage, flash_attn.",
         default="auto",
     )
+    token_pruning_layers: list[int] = _help(
+        "Blocks after which image tokens are pruned (Representation Shift, DESIGN §7; FLUX counts double blocks, "
+        "then single blocks). Empty: off. Applies to rollouts and log-prob recomputation alike.",
+        default_factory=list,
+    )
+    token_pruning_keep_ratio: float = _help(
+        "Fraction of the active image tokens each sample keeps at each pruning block, in (0, 1].", default=0.5
+    )
     mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
 
     # --- sampling ---
@@ -224,6 +232,12 @@ class TempFlowGRPOConfig:
             reject("noise_level", "must lie in [0, 1]")
         if self.beta < 0:
             reject("beta", "must be non-negative")
+        if len(set(self.token_pruning_layers)) != len(self.token_pruning_layers) or any(
+            layer < 0 for layer in self.token_pruning_layers
+        ):
+            reject("token_pruning_layers", "must be distinct non-negative block indices")
+        if not 0 < self.token_pruning_keep_ratio <= 1:
+            reject("token_pruning_keep_ratio", "must lie in (0, 1]")
         if not 0 <= self.ema_decay < 1:
             reject("ema_decay", "must lie in [0, 1)")
         if self.branch_steps is not None:

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .advantages import group_advantages
+from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
 from .evaluation import evaluation_seeds, sample_images, score_images
 from .loss import clipped_policy_loss, noise_aware_weights
@@ -119,6 +120,10 @@ class TempFlowGRPOTrainer:
         )
         self.policy.to(self.accelerator.device)
         self.policy.set_attention_backend(config.attention_backend)
+        if config.token_pruning_layers:
+            self.policy.set_token_pruning(
+                TokenPruning(tuple(config.token_pruning_layers), config.token_pruning_keep_ratio)
+            )
         self.trainable = self._setup_trainable()
         optimizer = torch.optim.AdamW(
             self.trainable,

@@ -22,3 +22,16 @@ def test_throughput_benchmark_runs_on_tiny_config(tmp_path):
     assert results["evals_per_seed"] == 3 + 2 * 3 * 2 // 2
     assert json.loads(output.read_text())["speedup_vs_reference"] > 0
     assert set(results["training"]) == {"checkpointing_False", "checkpointing_True"}
+
+
+def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path):
+    module = _load("shapes_compare")
+    module.main(["--budget", "300", "--eval-every", "300", "--seeds", "0", "--methods", "tempflow_grpo", "flow_grpo",
+                 "--num-eval-prompts", "3", "--prompts-per-iteration", "2", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    for method in ("tempflow_grpo", "flow_grpo"):
+        points = results["runs"][method]["0"]
+        assert points[0]["model_evals"] == 0 and points[-1]["model_evals"] >= 300
+        assert 0.0 <= points[-1]["eval/shapes_strict"] <= 1.0
+    assert {row["budget"] for row in results["summary"]} == {0, 300}
+    assert (tmp_path / "accuracy.png").stat().st_size > 0 and "flow_grpo" in (tmp_path / "table.md").read_text()

@@ -61,8 +61,11 @@ def test_first_inner_step_is_on_policy(tiny_sd3_dir, tmp_path, guidance_scale):
     assert stats["kl"].item() == pytest.approx(0.0, abs=1e-8)  # gaussian LoRA init: the adapter starts as a no-op
 
 
-def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path):
-    trainer = _trainer(_config(tiny_flux_dir, tmp_path, guidance_scale=3.5, noise_level=0.9))
+@pytest.mark.parametrize("pruning", [{}, {"token_pruning_layers": [0], "token_pruning_keep_ratio": 0.5}],
+                         ids=["dense", "pruned"])
+def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path, pruning):
+    trainer = _trainer(_config(tiny_flux_dir, tmp_path, guidance_scale=3.5, noise_level=0.9, **pruning))
+    assert type(trainer.policy.transformer.forward).__name__ == ("TokenPruner" if pruning else "method")
     rollout, embeds = trainer.rollout(trainer._sample_prompts())
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad():

@@ -66,6 +66,13 @@ class FlowPolicy:
         self.attention_backend = "sdpa"
         self.set_attention_backend(attention_backend)
 
+    def set_token_pruning(self, pruning) -> None:
+        """Prune image tokens inside the transformer (a :class:`~tempflow.attention.pruning.TokenPruning`, or
+        ``None`` for dense); like the attention backend, it holds for rollouts and recomputation alike."""
+        from ..attention.pruning import apply_token_pruning
+
+        apply_token_pruning(self.transformer, self.family, pruning)
+
     def _pipeline_max_sequence_length(self) -> int:
         """The family's default T5 length, or the pipeline's T5 tokenizer ``model_max_length`` when shorter (a
         pipeline trained on short prompts, like ShapesWorld's, records its length there)."""
