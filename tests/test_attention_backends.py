@@ -6,8 +6,7 @@ import torch
 
 from tempflow.attention.backends import resolve_attention_backend
 from tempflow.config import TempFlowGRPOConfig
-from tempflow.rollout import RolloutEngine
-from tempflow.sampling import sde_step
+from tempflow.testing import rollout_and_recomputed_log_probs
 
 
 def _velocity(policy):
@@ -27,13 +26,8 @@ def test_cpu_kernels_match_default_sdpa(any_policy, backend):
 
 def test_backend_applies_to_rollout_and_recomputation(sd3_policy):
     sd3_policy.set_attention_backend("sdpa_math")
-    engine = RolloutEngine(sd3_policy, noise_level=0.7)
-    embeds = sd3_policy.encode_prompts(["a red square"])
-    rows = engine.branched(embeds, [0], [5], 3, [0, 1], 2).transitions
-    with torch.no_grad():
-        velocity = sd3_policy.velocity(rows.latents, rows.sigmas, embeds[rows.prompt_index])
-    out = sde_step(rows.latents, velocity, rows.sigmas, rows.sigmas_next, 0.7, next_latents=rows.next_latents)
-    torch.testing.assert_close(out.log_prob, rows.log_probs, atol=1e-6, rtol=0)
+    recomputed, stored = rollout_and_recomputed_log_probs(sd3_policy)
+    torch.testing.assert_close(recomputed, stored, atol=1e-6, rtol=0)
 
 
 def test_auto_and_validation(sd3_policy):

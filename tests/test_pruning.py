@@ -18,8 +18,7 @@ from tempflow.attention.pruning import (
     remove_token_pruning,
     token_pruning,
 )
-from tempflow.rollout import RolloutEngine
-from tempflow.sampling import sde_step
+from tempflow.testing import rollout_and_recomputed_log_probs
 
 BATCH, TEXT_LEN, IMAGE_TOKENS = 3, 5, 16
 
@@ -227,13 +226,8 @@ def test_refresh_every_reuses_keep_sets_for_same_shape_calls():
 def test_rollout_log_probs_are_recomputed_exactly_with_pruning(sd3_policy):
     """Pruning in velocity() covers rollouts and recomputation alike: the first inner step stays on-policy."""
     apply_token_pruning(sd3_policy.transformer, "sd3", TokenPruning(layers=(0,), keep_ratio=0.5))
-    engine = RolloutEngine(sd3_policy, noise_level=0.7)
-    embeds = sd3_policy.encode_prompts(["a red square"])
-    rows = engine.branched(embeds, [0], [5], 3, [0, 1], 2).transitions
-    with torch.no_grad():
-        velocity = sd3_policy.velocity(rows.latents, rows.sigmas, embeds[rows.prompt_index])
-    out = sde_step(rows.latents, velocity, rows.sigmas, rows.sigmas_next, 0.7, next_latents=rows.next_latents)
-    torch.testing.assert_close(out.log_prob, rows.log_probs, atol=1e-5, rtol=0)
+    recomputed, stored = rollout_and_recomputed_log_probs(sd3_policy)
+    torch.testing.assert_close(recomputed, stored, atol=1e-5, rtol=0)
 
 
 def test_policy_velocity_with_pruning(any_policy):
