@@ -1,5 +1,6 @@
 """The shipped ShapesWorld pipeline and the code that builds and pretrains it."""
 
+import logging
 import time
 
 import numpy as np
@@ -96,3 +97,17 @@ def test_short_pretraining_runs_end_to_end_and_reloads(tmp_path):
     assert not torch.equal(snapshot.transformer.state_dict()[weight], reloaded.transformer.state_dict()[weight])
     assert reloaded.vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
     assert _generate(reloaded, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)
+
+
+def test_truncation_to_the_pipelines_own_t5_length_is_quiet_but_a_shorter_user_length_still_warns(shipped, caplog):
+    from tempflow.policies import SD3Policy
+
+    longest = max((record["prompt"] for record in load_prompt_set("eval")), key=len)
+    logging.getLogger("diffusers").addHandler(caplog.handler)  # diffusers' loggers do not propagate to the root
+    try:
+        SD3Policy(shipped, resolution=64).encode_prompts([longest])
+        assert "truncated" not in caplog.text
+        SD3Policy(shipped, resolution=64, max_sequence_length=3).encode_prompts([longest])
+        assert "truncated" in caplog.text
+    finally:
+        logging.getLogger("diffusers").removeHandler(caplog.handler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,11 +137,30 @@ class FlowPolicy:
         on the CPU, so the text encoders can leave the accelerator once a prompt set is encoded."""
         missing = sorted({p for p in prompts if p not in self._embed_cache})
         if missing:
-            with torch.no_grad():
+            with torch.no_grad(), self._truncation_by_design():
                 encoded = self._encode(missing)
             for i, prompt in enumerate(missing):
                 self._embed_cache[prompt] = encoded[i : i + 1].to("cpu")
         return PromptEmbeds.cat([self._embed_cache[p] for p in prompts]).to(self.device)
+
+    @contextlib.contextmanager
+    def _truncation_by_design(self):
+        """Silence the pipeline's per-batch "input was truncated" warning when the pipeline itself records a T5
+        length shorter than the family's (ShapesWorld: 8 tokens, CLIP sees the whole prompt); the truncation is
+        how that pipeline was trained, not a user mistake. Other pipelines keep the warning."""
+        if not self.max_sequence_length == self._pipeline_max_sequence_length() < self.default_max_sequence_length:
+            yield
+            return
+        # the pipeline's warning, and the tokenizer's about the untruncated copy the pipeline makes to compare
+        loggers = [logging.getLogger(name) for name in (type(self.pipeline).__module__, "transformers.tokenization_utils_base")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
     def offload_text_encoders(self, device="cpu") -> None:
         """Move the text encoders off the accelerator (after the prompts are encoded and cached)."""
