@@ -152,7 +152,8 @@ class FlowPolicy:
             yield
             return
         # the pipeline's warning, and the tokenizer's about the untruncated copy the pipeline makes to compare
-        loggers = [logging.getLogger(name) for name in (type(self.pipeline).__module__, "transformers.tokenization_utils_base")]
+        names = (type(self.pipeline).__module__, "transformers.tokenization_utils_base")
+        loggers = [logging.getLogger(name) for name in names]
         levels = [logger.level for logger in loggers]
         for logger in loggers:
             logger.setLevel(logging.ERROR)
