@@ -99,15 +99,20 @@ def test_short_pretraining_runs_end_to_end_and_reloads(tmp_path):
     assert _generate(reloaded, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)
 
 
-def test_truncation_to_the_pipelines_own_t5_length_is_quiet_but_a_shorter_user_length_still_warns(shipped, caplog):
+def test_truncation_to_the_pipelines_own_t5_length_is_quiet_but_a_shorter_user_length_still_warns(caplog):
     from tempflow.policies import SD3Policy
 
+    pipeline = StableDiffusion3Pipeline.from_pretrained(pipeline_path())  # fresh tokenizers: they warn once each
     longest = max((record["prompt"] for record in load_prompt_set("eval")), key=len)
-    logging.getLogger("diffusers").addHandler(caplog.handler)  # diffusers' loggers do not propagate to the root
+    libraries = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for library in libraries:  # neither library's loggers propagate to the root, where caplog listens
+        library.addHandler(caplog.handler)
     try:
-        SD3Policy(shipped, resolution=64).encode_prompts([longest])
-        assert "truncated" not in caplog.text
-        SD3Policy(shipped, resolution=64, max_sequence_length=3).encode_prompts([longest])
+        SD3Policy(pipeline, resolution=64).encode_prompts([longest])
+        assert "truncated" not in caplog.text  # diffusers' per-batch warning
+        assert "longer than the specified maximum" not in caplog.text  # the T5 tokenizer's
+        SD3Policy(pipeline, resolution=64, max_sequence_length=3).encode_prompts([longest])
         assert "truncated" in caplog.text
     finally:
-        logging.getLogger("diffusers").removeHandler(caplog.handler)
+        for library in libraries:
+            library.removeHandler(caplog.handler)
