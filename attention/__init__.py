@@ -1,6 +1,10 @@
 """Attention backends and efficient-attention kernels for rollouts (imported as ``tempflow.attention``).
 
 ``backends``: the dense kernel used by every transformer call (one setting for SD3 and FLUX).
+``pruning``: Representation-Shift token pruning for MMDiT blocks.
+``block_sparse``: VSA-style block-sparse attention (tile selection, gate, delta correction) and its processors;
+``block_sparse_kernels``: its fine stage (Triton forward/backward, FlexAttention, PyTorch reference).
+``softpag``: perturbed-attention guidance with a soft perturbation at chosen heads (sampling and evaluation).
 """
 
 ATTENTION_BACKENDS = (

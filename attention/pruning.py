@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import (
     FluxAttention,
@@ -221,6 +222,43 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def flux_joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+    """FLUX attention's ``Q, K, V`` ``[B, S, H, D]`` as ``FluxAttnProcessor`` builds them (projections, QK norms,
+    text tokens first), with RoPE from the shared table ``[S, D]`` or per-sample tables ``[B, S, D]``. Shared by
+    the processors here, in block-sparse attention and in SoftPAG, which change only what follows."""
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None:
+        query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+        key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+        value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+    if image_rotary_emb is not None:
+        if image_rotary_emb[0].ndim == 2:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        else:
+            cos, sin = image_rotary_emb
+            query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+    return query, key, value
+
+
+def flux_attention_output(attn, hidden_states, encoder_hidden_states=None):
+    """The tail of ``FluxAttnProcessor``: attention output ``[B, S, H·D]`` (text first) → the single block's
+    output as it is, or the double block's (image, text) pair through their output projections."""
+    if encoder_hidden_states is None:
+        return hidden_states
+    text_len = encoder_hidden_states.shape[1]
+    encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+        [text_len, hidden_states.shape[1] - text_len], dim=1
+    )
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+    return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
 class PerSampleRotaryFluxAttnProcessor(FluxAttnProcessor):
     """``FluxAttnProcessor`` that also accepts per-sample RoPE tables ``[B, S, D]``; with the model's shared
     ``[S, D]`` table it is ``FluxAttnProcessor`` itself. The attention backend set on the model still applies."""
@@ -229,32 +267,12 @@ class PerSampleRotaryFluxAttnProcessor(FluxAttnProcessor):
         if image_rotary_emb is None or image_rotary_emb[0].ndim == 2:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-            value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-
-        cos, sin = image_rotary_emb
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        query, key, value = flux_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return hidden_states
-        text_len = encoder_hidden_states.shape[1]
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [text_len, hidden_states.shape[1] - text_len], dim=1
-        )
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+        return flux_attention_output(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
 
 def apply_token_pruning(transformer: torch.nn.Module, family: str, pruning: TokenPruning | None) -> TokenPruner | None:
@@ -273,6 +291,10 @@ def apply_token_pruning(transformer: torch.nn.Module, family: str, pruning: Toke
         raise ValueError(
             f"token pruning for {family!r} needs a {TRANSFORMER_CLASSES[family].__name__}, got {type(transformer).__name__}"
         )
+    from .block_sparse import uses_block_sparse
+
+    if uses_block_sparse(transformer):
+        raise ValueError("token pruning cannot be combined with block-sparse attention (the token grid changes)")
     pruner = TokenPruner(transformer, family, pruning)
     if family == "flux":
         _install_per_sample_rotary(transformer)

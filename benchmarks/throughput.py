@@ -10,12 +10,16 @@ Reports, in one run and one process:
   step at a time, and at each branch step one batch of G children run to completion — as a ratio to tempflow;
 - **training inner step**: log-prob recomputation + backward of a batch of transitions (LoRA) as a ratio to a
   plain forward + backward of the same batch, with gradient checkpointing off and on;
-- peak GPU memory of each (CUDA only).
+- peak GPU memory of each (CUDA only);
+- with ``--compile``: **eager vs compiled** (``policy.compile_transformer``, LoRA attached as in training
+  rollouts): ms per latent-evaluation at each swept batch size and the branched rollout, as ratios, plus the
+  compile time (first calls beyond a steady call) and the number of graphs compiled.
 
 Random weights at real sizes (`--size sd35m`, `--size flux-dev`; built from configs, nothing downloaded) on a
 GPU, or the tiny test pipeline on the CPU (`--size tiny`, the default: seconds).
 
     python benchmarks/throughput.py --size sd35m --device cuda --dtype bf16
+    python benchmarks/throughput.py --compile                       # + eager vs compiled (tiny, CPU)
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from functools import partial
 
 import torch
+from torch._dynamo.utils import counters
 
 from tempflow.policies import FluxPolicy, PromptEmbeds, SD3Policy
 from tempflow.rollout import RolloutEngine, seeded_noise
@@ -79,9 +84,14 @@ def build_policy(size: str, resolution: int, device: str, dtype: torch.dtype):
     return policy
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median wall time of ``fn`` in seconds, after one warm-up call."""
+def timed(fn, repeats: int, device: str, warm_up: list | None = None) -> float:
+    """Median wall time of ``fn`` in seconds, after one warm-up call (whose time is appended to ``warm_up``)."""
+    start = time.perf_counter()
     fn()
+    if warm_up is not None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        warm_up.append(time.perf_counter() - start)
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -103,7 +113,7 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure_floor(policy, embeds, batch_sizes, repeats, device) -> dict:
+def measure_floor(policy, embeds, batch_sizes, repeats, device, warm_up: list | None = None) -> dict:
     """Seconds per latent-evaluation for each batch size (mixed timesteps)."""
     per_latent = {}
     for batch in batch_sizes:
@@ -111,7 +121,7 @@ def measure_floor(policy, embeds, batch_sizes, repeats, device) -> dict:
         sigmas = torch.linspace(0.95, 0.05, batch)
         batch_embeds = embeds[[0] * batch]
         with torch.no_grad():
-            seconds = timed(partial(policy.velocity, latents, sigmas, batch_embeds), repeats, device)
+            seconds = timed(partial(policy.velocity, latents, sigmas, batch_embeds), repeats, device, warm_up)
         per_latent[batch] = seconds / batch
     return per_latent
 
@@ -172,6 +182,33 @@ def training_ratio(policy, embeds, batch, device, checkpointing: bool, repeats: 
             "peak_gb": peak_memory_gb(device)}
 
 
+def compiled_vs_eager(policy, embeds, batch_sizes, repeats, device, rollout, backend, mode, buckets) -> dict:
+    """Eager, then ``compile_transformer`` and the same again: per-latent time at each batch size and the rollout.
+    The compile time is each first call's excess over its steady time (sizes and rollout shapes not compiled yet
+    compile there)."""
+    policy.transformer.disable_gradient_checkpointing()
+    policy.transformer.eval()
+    eager = measure_floor(policy, embeds, batch_sizes, repeats, device)
+    eager_rollout_s = timed(rollout, max(1, repeats - 1), device)
+    graphs = counters["stats"]["unique_graphs"]
+    policy.compile_transformer(backend, mode, buckets)
+    first: list[float] = []
+    compiled = measure_floor(policy, embeds, batch_sizes, repeats, device, first)
+    first_rollout: list[float] = []
+    compiled_rollout_s = timed(rollout, max(1, repeats - 1), device, first_rollout)
+    compile_s = sum(first) - sum(compiled[b] * b for b in batch_sizes) + first_rollout[0] - compiled_rollout_s
+    return {
+        "backend": backend, "mode": mode, "batch_buckets": list(buckets),
+        "eager_ms_per_latent_eval": {b: 1000 * s for b, s in eager.items()},
+        "compiled_ms_per_latent_eval": {b: 1000 * s for b, s in compiled.items()},
+        "speedup_by_batch": {b: eager[b] / compiled[b] for b in batch_sizes},
+        "eager_rollout_s": eager_rollout_s, "compiled_rollout_s": compiled_rollout_s,
+        "rollout_speedup": eager_rollout_s / compiled_rollout_s,
+        "first_call_s": dict(zip(batch_sizes, first)), "first_rollout_s": first_rollout[0],
+        "compile_s": compile_s, "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "sd35m", "flux-dev"], default="tiny")
@@ -186,6 +223,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-batch-size", type=int, default=6)
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also measure eager vs compiled (compile_transformer)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--compile-batch-buckets", type=int, nargs="*", default=[],
+                        help="static graphs for these batch sizes (default: one graph, dynamic batch)")
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     resolution = args.resolution or {"tiny": 64, "sd35m": 512, "flux-dev": 1024}[args.size]
@@ -227,6 +269,13 @@ def main(argv=None) -> dict:
         "speedup_vs_reference": reference_s / tempflow_s, "tempflow_peak_gb": tempflow_peak,
         "reference_peak_gb": reference_peak, "training": training,
     }
+    if args.compile:
+        def rollout():
+            return engine.branched(embeds, list(range(args.seeds)), seeds, n, list(range(n - 1)), g)
+
+        results["compile"] = compiled_vs_eager(policy, embeds, args.floor_batch_sizes, args.repeats, args.device,
+                                               rollout, args.compile_backend, args.compile_mode,
+                                               args.compile_batch_buckets)
     print(f"{args.size} @ {resolution}px on {results['device']} ({args.dtype}), N={n}, G={g}, {args.seeds} seeds, "
           f"{evals_per_seed} evaluations per seed")
     print("floor ms per latent-eval by batch: " + ", ".join(f"B{b} {1000 * s:.2f}" for b, s in floor.items()))
@@ -236,6 +285,14 @@ def main(argv=None) -> dict:
     for name, t in training.items():
         print(f"training inner step ({name}): {t['inner_step_s'] * 1000:.1f} ms vs plain fwd+bwd "
               f"{t['plain_fwd_bwd_s'] * 1000:.1f} ms → {t['ratio']:.2f}x")
+    if args.compile:
+        c = results["compile"]
+        print(f"compiled ({c['backend']}, {c['mode']}, buckets {c['batch_buckets'] or 'none: dynamic batch'}), "
+              f"LoRA r{args.lora_rank} attached, ms per latent-eval eager → compiled: "
+              + ", ".join(f"B{b} {c['eager_ms_per_latent_eval'][b]:.2f} → {c['compiled_ms_per_latent_eval'][b]:.2f}"
+                          for b in args.floor_batch_sizes))
+        print(f"rollout eager {c['eager_rollout_s']:.3f}s → compiled {c['compiled_rollout_s']:.3f}s "
+              f"({c['rollout_speedup']:.2f}x) | compile {c['compile_s']:.1f}s, {c['graphs_compiled']} graph(s)")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)

@@ -60,6 +60,7 @@ def _load_for_sampling(args):
     from .rollout import RolloutEngine
     from .trainer import resolve_model_path
 
+    softpag = _softpag(args)  # checked before the (slow) load; its layers and heads once the model is there
     policy = load_policy(
         resolve_model_path(args.model),
         resolution=args.resolution,
@@ -70,11 +71,20 @@ def _load_for_sampling(args):
         if not Path(args.lora, "pytorch_lora_weights.safetensors").is_file():
             raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in LoRA directory {args.lora!r}")
         policy.load_lora(args.lora)
+    policy.set_softpag(softpag)
     return policy, RolloutEngine(policy, noise_level=0.0, batch_size=args.batch_size)
+
+
+def _softpag(args):
+    from .attention.softpag import SoftPAG
+
+    heads = None if args.pag_heads is None else tuple(args.pag_heads)
+    return SoftPAG(scale=args.pag_scale, layers=tuple(args.pag_layers), heads=heads, softness=args.pag_softness)
 
 
 def evaluate(args) -> dict:
     """Score ODE samples of a prompt set with rewards; write eval.json and a grid into --output."""
+    import dataclasses
     import json
 
     from .evaluation import evaluation_seeds, sample_images, score_images
@@ -92,7 +102,8 @@ def evaluate(args) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),
-               "num_steps": args.num_steps, "guidance_scale": args.guidance_scale, "rewards": results}
+               "num_steps": args.num_steps, "guidance_scale": args.guidance_scale,
+               "softpag": policy.softpag and dataclasses.asdict(policy.softpag), "rewards": results}
     (output / "eval.json").write_text(json.dumps(summary, indent=2))
     save_image_grid(images[:16], [r["prompt"] for r in records[:16]], output / "eval_grid.png")
     for name, value in results.items():
@@ -129,6 +140,14 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="latents per transformer call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--pag-scale", type=float, default=0.0,
+                        help="SoftPAG (perturbed-attention guidance) scale s; 0 (default) turns it off")
+    parser.add_argument("--pag-layers", type=int, nargs="+", default=[],
+                        help="blocks whose attention SoftPAG perturbs (FLUX: double blocks, then single blocks)")
+    parser.add_argument("--pag-heads", type=int, nargs="+", default=None,
+                        help="heads SoftPAG perturbs in those blocks (default: all)")
+    parser.add_argument("--pag-softness", type=float, default=1.0,
+                        help="SoftPAG u in [0, 1]: perturbed heads give (1-u)*attention + u*V (default 1: PAG)")
 
 
 def _config_help() -> str:
@@ -185,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         from .rewards.server import main as serve_reward
 
         return serve_reward(argv[1:]) or 0
+    if argv[:1] == ["train"] and {"-h", "--help"} & set(argv):
+        train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
+        train_parser.print_help()
+        return 0
     args, overrides = parser.parse_known_args(argv)
     from .rewards.combined import RewardError
     from .trainer import NonFiniteTrainingError
 
-    if args.command == "train" and {"-h", "--help"} & set(overrides):
-        train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
-        train_parser.print_help()
-        return 0
     if args.command != "train" and overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:

@@ -160,6 +160,7 @@ class RolloutEngine:
         """Flow-GRPO: one SDE trajectory per (prompt index, seed). With ``sde_window = (start, size)`` only
         steps ``start .. start+size−1`` are stochastic (ODE elsewhere); otherwise every step is. Every
         stochastic step but the last of the trajectory is a training row."""
+        self._refuse_softpag()
         sigmas = self.policy.sigma_schedule(num_steps)
         if sde_window is None:
             sde_positions = frozenset(range(num_steps))
@@ -191,6 +192,7 @@ class RolloutEngine:
         of ``branch_steps``, each finished with the ODE. Sample ``(trajectory, branch step, child)`` sits at
         index ``(t·len(branch_steps) + b)·num_children + j`` and its group is ``t·len(branch_steps) + b``
         (the seed group: siblings with the same prefix)."""
+        self._refuse_softpag()
         sigmas = self.policy.sigma_schedule(num_steps)
         branch_steps = sorted(branch_steps)
         tracks = [
@@ -206,6 +208,14 @@ class RolloutEngine:
         result.sample_step = torch.as_tensor(branch_steps)[(sample % per_trajectory) // num_children]
         result.sample_prompt_index = torch.as_tensor(prompt_index)[sample // per_trajectory]
         return result
+
+    def _refuse_softpag(self) -> None:
+        """Training rollouts must use the velocity that log-prob recomputation uses; SoftPAG is for sampling."""
+        if getattr(self.policy, "softpag", None) is not None:
+            raise ValueError(
+                "SoftPAG guidance is for sampling and evaluation only: training rollouts and their log-prob "
+                "recomputation must share one velocity (call policy.set_softpag(None) first)"
+            )
 
     # --- the packed loop -----------------------------------------------------------------------------------
     def _start(self, sigmas, prompt_index, seed, kind, **kwargs) -> _Track:

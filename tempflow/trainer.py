@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from .advantages import group_advantages
+from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
 from .evaluation import evaluation_seeds, sample_images, score_images
@@ -64,6 +65,27 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
         if path.is_dir() and (path / TRAINER_STATE).is_file() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
     ]
     return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def _record_deepspeed_ranks_on_cpu() -> None:
+    """Let ``accelerate launch`` with a DeepSpeed config run on a machine without GPUs (the tests do, over gloo).
+
+    accelerate (1.15) picks a collective backend only for an accelerator device; on CPUs it still has DeepSpeed
+    start its process group (DeepSpeed falls back to gloo) but then records a single process ("no backend == no
+    distributed training" in ``PartialState``), so every rank would act as the main one. This records the real
+    ranks; it does nothing wherever accelerate found a backend itself."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or "LOCAL_RANK" not in os.environ:
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.backend is not None or not torch.distributed.is_initialized():
+        return
+    state.backend = torch.distributed.get_backend()
+    state.num_processes = torch.distributed.get_world_size()
+    state.process_index = torch.distributed.get_rank()
+    state.local_process_index = int(os.environ["LOCAL_RANK"])
+    state.distributed_type = DistributedType.DEEPSPEED
 
 
 class TempFlowGRPOTrainer:
@@ -104,27 +126,40 @@ class TempFlowGRPOTrainer:
         if config.eval_reward_funcs:
             self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs)
 
+        if accelerator is None:
+            _record_deepspeed_ranks_on_cpu()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to,
             project_dir=config.output_dir,
         )
         set_seed(config.seed)
-        self.policy = policy or load_policy(
-            resolve_model_path(config.model_name_or_path),
-            family=config.model_family,
-            torch_dtype=_DTYPES[config.mixed_precision],
-            resolution=config.resolution,
-            guidance_scale=config.guidance_scale,
-            max_sequence_length=config.max_sequence_length,
-        )
+        with self._loading_whole_models():
+            self.policy = policy or load_policy(
+                resolve_model_path(config.model_name_or_path),
+                family=config.model_family,
+                torch_dtype=_DTYPES[config.mixed_precision],
+                resolution=config.resolution,
+                guidance_scale=config.guidance_scale,
+                max_sequence_length=config.max_sequence_length,
+            )
         self.policy.to(self.accelerator.device)
         self.policy.set_attention_backend(config.attention_backend)
         if config.token_pruning_layers:
             self.policy.set_token_pruning(
                 TokenPruning(tuple(config.token_pruning_layers), config.token_pruning_keep_ratio)
             )
+        if config.block_sparse_density < 1:
+            self.policy.set_block_sparse(BlockSparse(
+                config.block_sparse_density, tuple(config.block_sparse_tile), tuple(config.block_sparse_layers),
+                config.block_sparse_gate, config.block_sparse_delta_correction, config.block_sparse_kernel,
+            ))
         self.trainable = self._setup_trainable()
+        self.deepspeed_zero_stage = None
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self._configure_deepspeed()
+        if config.compile_transformer:
+            self._compile_transformer()
         optimizer = torch.optim.AdamW(
             self.trainable,
             lr=config.learning_rate,
@@ -137,7 +172,7 @@ class TempFlowGRPOTrainer:
         if config.use_ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+            self.ema = EMAModel(self._ema_inputs(), decay=config.ema_decay)
             self.accelerator.register_for_checkpointing(self.ema)
         if config.use_lora:
             self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
@@ -171,6 +206,69 @@ class TempFlowGRPOTrainer:
         if config.gradient_checkpointing:
             self.policy.transformer.enable_gradient_checkpointing()
         return trainable
+
+    def _compile_transformer(self) -> None:
+        """Compile the one transformer module that rollouts, recomputation and evaluation call: after LoRA,
+        gradient checkpointing, token pruning and the frozen reference copy (which stays eager) are in place,
+        before ``accelerator.prepare`` wraps it and before its first call."""
+        config = self.config
+        if self.deepspeed_zero_stage == 3:
+            raise ValueError("compile_transformer is not supported with DeepSpeed ZeRO-3, whose hooks gather sharded "
+                             "weights around every module call; use ZeRO-2 or turn compilation off")
+        self.policy.compile_transformer(config.compile_backend, config.compile_mode, config.compile_batch_buckets)
+
+    @contextlib.contextmanager
+    def _loading_whole_models(self):
+        """Under ZeRO-3, accelerate registers its DeepSpeed config with transformers, which then shards every model
+        it loads (``zero.Init``). The text encoders run outside DeepSpeed's engine, so the pipeline is loaded whole;
+        the transformer is sharded when it is prepared."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
+
+    def _configure_deepspeed(self) -> None:
+        """Write the recipe's micro-batch size, accumulation and clipping into accelerate's DeepSpeed config
+        (there is no dataloader to infer them from), and refuse what ZeRO-3's sharded weights cannot do."""
+        config = self.config
+        plugin = self.accelerator.state.deepspeed_plugin
+        self.deepspeed_zero_stage = plugin.zero_stage
+        if plugin.zero_stage == 3:
+            if config.use_lora or config.use_ema:
+                raise ValueError(
+                    "DeepSpeed ZeRO-3 is supported for full fine-tuning (use_lora: false) without EMA: LoRA export and "
+                    "the EMA read the trained weights whole, which ZeRO-3 shards; use ZeRO-2 for those"
+                )
+            if len(self.eval_prompts) % self.accelerator.num_processes:
+                raise ValueError(
+                    f"DeepSpeed ZeRO-3 needs the same number of evaluation prompts on every process (every forward "
+                    f"gathers the sharded weights from all of them): num_eval_prompts ({len(self.eval_prompts)}) must "
+                    f"be a multiple of the {self.accelerator.num_processes} processes"
+                )
+        ds_config = plugin.deepspeed_config
+        ds_config.update({
+            "train_micro_batch_size_per_gpu": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "train_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps
+            * self.accelerator.num_processes,
+            "gradient_clipping": config.max_grad_norm,
+        })
+        if ds_config.get("bf16", {}).get("enabled"):  # skip non-finite steps, as the trainer does without DeepSpeed
+            ds_config["bf16"]["check_grad_overflow"] = True
+
+    def _ema_inputs(self) -> list[torch.Tensor]:
+        """The trainable weights as the EMA reads them: with ``ema_offload``, copies in CPU memory, where the EMA
+        lives and is updated (``requires_grad`` is kept: EMAModel copies, rather than averages, frozen weights)."""
+        if not self.config.ema_offload:
+            return self.trainable
+        return [p.detach().to("cpu").requires_grad_(p.requires_grad) for p in self.trainable]
 
     def _step_weights(self) -> torch.Tensor:
         """Noise-aware weight of every step index (mean 1 over the configured trained steps); all 1 if off."""
@@ -262,9 +360,17 @@ class TempFlowGRPOTrainer:
 
     def optimize(self, rollout: Rollout, embeds) -> dict:
         """``num_iterations`` passes over the rollout's transitions in micro-batches; one optimizer step per
-        ``gradient_accumulation_steps`` micro-batches (each step's gradient is the mean over its rows)."""
+        ``gradient_accumulation_steps`` micro-batches (each step's gradient is the mean over its rows; the last
+        step of a pass may have fewer micro-batches).
+
+        Under DeepSpeed, accelerate's ``backward`` runs the engine's step (clipping, optimizer step, zeroing) when
+        ``sync_gradients`` is set, so it is set on each step's last micro-batch only; the loss is already scaled by
+        the exact row share, so DeepSpeed must not divide it by its accumulation steps again (``scale_wrt_gas``).
+        The optimizer calls below are then no-ops, and the gradient norm is the one DeepSpeed measured."""
         config = self.config
         rows = rollout.transitions
+        deepspeed = self.deepspeed_zero_stage is not None
+        backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         stats_sum: dict[str, float] = {}
         count = optimizer_steps = 0
         grad_norms = []
@@ -276,15 +382,21 @@ class TempFlowGRPOTrainer:
                 group_rows = sum(len(mb) for mb in group)
                 for k, index in enumerate(group):
                     sync = k == len(group) - 1
+                    self.accelerator.sync_gradients = sync
                     with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)), \
                             self.accelerator.autocast():
                         loss, stats = self.compute_loss(rows.select(index), embeds)
-                        self.accelerator.backward(loss * len(index) / group_rows)
+                        self.accelerator.backward(loss * len(index) / group_rows, **backward_kwargs)
                     for key, value in stats.items():
                         stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
                     count += 1
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
                 if not torch.isfinite(torch.as_tensor(grad_norm)):
+                    if deepspeed and not self.optimizer.step_was_skipped:
+                        raise NonFiniteTrainingError(
+                            f"DeepSpeed applied an optimizer step with gradient norm {grad_norm} "
+                            f"(iteration {self.iteration}); its overflow check must be on (bf16.check_grad_overflow)"
+                        )
                     self._skip_step()
                     continue
                 self.consecutive_skipped_steps = 0
@@ -292,14 +404,14 @@ class TempFlowGRPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.step(self.trainable)
+                    self.ema.step(self._ema_inputs())
                 optimizer_steps += 1
         metrics = {f"train/{k}": v / max(count, 1) for k, v in stats_sum.items()}
         metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
         metrics["train/optimizer_steps"] = optimizer_steps
         metrics["train/skipped_steps"] = self.skipped_steps
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and self.deepspeed_zero_stage != 3:  # ZeRO-3 ranks hold shards
             metrics["train/rank_weight_divergence"] = self._rank_weight_divergence()
         return metrics
 
@@ -505,14 +617,18 @@ class TempFlowGRPOTrainer:
         """Export the trained weights: LoRA in the diffusers format (``pipeline.load_lora_weights(directory)``),
         or the full transformer with ``save_pretrained``. Uses the EMA weights when EMA is on."""
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
         model = self.accelerator.unwrap_model(self.model)
-        with self._ema_weights():
-            if self.config.use_lora:
+        whole = contextlib.nullcontext()
+        if self.deepspeed_zero_stage == 3:  # every process takes part in gathering the shards
+            import deepspeed
+
+            whole = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        with self._ema_weights(), whole:
+            if self.accelerator.is_main_process and self.config.use_lora:
                 self.policy.save_lora(directory, self.policy.lora_state_dict(model))
-            else:
+            elif self.accelerator.is_main_process:
                 model.save_pretrained(Path(directory) / "transformer")
+        self.accelerator.wait_for_everyone()
 
     def _save_lora_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
@@ -531,6 +647,7 @@ class TempFlowGRPOTrainer:
             result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
             if result.unexpected_keys:
                 raise RuntimeError(f"checkpoint {input_dir} has LoRA keys this model lacks: {result.unexpected_keys[:5]}")
+            self.policy.load_block_sparse_gates(input_dir, model)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-{iteration}`` atomically: to a temporary directory, then renamed; keeps the newest
@@ -541,7 +658,8 @@ class TempFlowGRPOTrainer:
         if self.accelerator.is_main_process and temporary.exists():
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(temporary))
+        self.accelerator.save_state(str(temporary), **self._deepspeed_checkpoint_kwargs(save=True))
+        self.accelerator.wait_for_everyone()  # every process has written its part before the rename
         if self.accelerator.is_main_process:
             state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
                      "consecutive_skipped_steps": self.consecutive_skipped_steps, "history": self.history,
@@ -553,6 +671,13 @@ class TempFlowGRPOTrainer:
             self._prune_checkpoints(output)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _deepspeed_checkpoint_kwargs(self, save: bool) -> dict:
+        """A DeepSpeed checkpoint of a LoRA run leaves out the frozen base weights (the adapter is all that
+        trains), so loading it must not expect them."""
+        if self.deepspeed_zero_stage is None or not self.config.use_lora:
+            return {}
+        return {"exclude_frozen_parameters": True} if save else {"load_module_strict": False}
 
     def _prune_checkpoints(self, output: Path) -> None:
         complete = sorted(
@@ -571,7 +696,7 @@ class TempFlowGRPOTrainer:
             return  # `latest` with nothing saved yet: a fresh start
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{path} is not a complete tempflow checkpoint (no {TRAINER_STATE})")
-        self.accelerator.load_state(str(path))
+        self.accelerator.load_state(str(path), **self._deepspeed_checkpoint_kwargs(save=False))
         state = json.loads((path / TRAINER_STATE).read_text())
         self.iteration = state["iteration"]
         self.skipped_steps = state["skipped_steps"]

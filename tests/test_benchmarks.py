@@ -18,10 +18,14 @@ def test_throughput_benchmark_runs_on_tiny_config(tmp_path):
     output = tmp_path / "throughput.json"
     results = _load("throughput").main(["--size", "tiny", "--device", "cpu", "--steps", "3", "--children", "2",
                                         "--seeds", "1", "--repeats", "1", "--floor-batch-sizes", "1", "2",
-                                        "--train-batch-size", "2", "--lora-rank", "2", "--output", str(output)])
+                                        "--train-batch-size", "2", "--lora-rank", "2", "--output", str(output),
+                                        "--compile", "--compile-backend", "eager"])  # dynamo only: seconds
     assert results["evals_per_seed"] == 3 + 2 * 3 * 2 // 2
     assert json.loads(output.read_text())["speedup_vs_reference"] > 0
     assert set(results["training"]) == {"checkpointing_False", "checkpointing_True"}
+    compiled = results["compile"]
+    assert set(compiled["speedup_by_batch"]) == {1, 2} and compiled["rollout_speedup"] > 0
+    assert compiled["graphs_compiled"] == 1  # the dynamic batch: one graph for the sweep and the rollout
 
 
 def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path):
@@ -35,3 +39,19 @@ def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path)
         assert 0.0 <= points[-1]["eval/shapes_strict"] <= 1.0
     assert {row["budget"] for row in results["summary"]} == {0, 300}
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and "flow_grpo" in (tmp_path / "table.md").read_text()
+
+
+def test_attention_benchmark_runs_and_full_density_matches_dense(tmp_path):
+    output = tmp_path / "attention.json"
+    results = _load("attention").main(["--device", "cpu", "--repeats", "1", "--densities", "1.0", "0.25",
+                                       "--kernel", "torch", "--shapes-limit", "4", "--shapes-steps", "3",
+                                       "--output", str(output)])
+    kernels = {(row["shape"], row["method"]): row for row in results["kernels"]}
+    for shape in ("image-256", "video-256"):
+        assert kernels[(shape, "block-sparse 1")]["rel_error"] < 1e-5  # every tile kept: dense attention
+        assert kernels[(shape, "block-sparse 0.25")]["rel_error"] > 1e-3
+    assert {row["method"].split(" ")[0] for row in results["transformer"]} == {"dense", "token", "block-sparse"}
+    shapes = results["shapes"]
+    assert shapes[0]["method"] == "dense" and shapes[0]["latent_rel_error"] == 0.0
+    assert all(0.0 <= row["strict_accuracy"] <= 1.0 for row in shapes) and len(shapes) == 5
+    assert json.loads(output.read_text())["device"] == "cpu"

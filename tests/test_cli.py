@@ -71,3 +71,10 @@ def test_entry_point_exit_code(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == EXIT_BAD_INPUT
     assert "missing.yaml" in result.stderr and "does not exist" in result.stderr
+
+
+def test_train_help_lists_the_config_fields(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "{config_help}" not in text
+    assert "--block_sparse_density" in text and "--learning_rate" in text

@@ -38,6 +38,7 @@ def test_cli_overrides_the_recipe(tmp_path):
         ({"algorithm": "flow_grpo", "sde_window_size": 3, "sde_window_range": [0, 8]}, "sde_window_range"),
         ({"noise_level": 1.5}, "noise_level"),
         ({"scale_rewards": "std"}, "scale_rewards"),
+        ({"ema_offload": True}, "ema_offload"),
     ],
 )
 def test_impossible_values_name_the_field(values, field):

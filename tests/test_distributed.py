@@ -1,8 +1,11 @@
-"""Two CPU processes under `accelerate launch` (torchrun + gloo): ranks stay in sync, rewards are gathered,
-and a two-process checkpoint resumes on one process.
+"""Two CPU processes under `accelerate launch`: DDP (torchrun + gloo) and DeepSpeed ZeRO-2. Ranks stay in sync,
+rewards are gathered, a DDP checkpoint resumes on one process, and ZeRO-2 trains to the same weights as DDP and
+resumes from its own checkpoint.
 
 accelerate's `--cpu --num_processes 2` starts a single process unless an MPI host file is given; several CPU
-processes come from the torchrun launcher (`--multi_gpu`) with ACCELERATE_USE_CPU=1."""
+processes come from the torchrun launcher (`--multi_gpu`) with ACCELERATE_USE_CPU=1. DeepSpeed must run *without*
+ACCELERATE_USE_CPU (with it, accelerate silently falls back to DDP); on a machine without GPUs DeepSpeed picks its CPU
+accelerator and gloo, and JIT-builds its shared-memory op once (minutes; cached in ~/.cache/torch_extensions)."""
 
 import json
 import os
@@ -11,33 +14,98 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tempflow.cli import main
 
 TINY_RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
+ZERO2_CONFIG = str(Path(__file__).parents[1] / "recipes" / "accelerate" / "deepspeed_zero2.yaml")
+# 2 prompts x 3 branch steps x 3 children = 18 rows a process: micro-batches of 4, 4 | 4, 4 | 2, so the last
+# optimizer step of each iteration accumulates fewer micro-batches than the others
+UNEVEN_ACCUMULATION = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+REWARDS_PER_ITERATION = 2 * 2 * 3 * 3  # processes x prompts x branch steps x children
 
 
-def test_two_process_training_and_single_process_resume(tiny_sd3_dir, tmp_path):
-    out = tmp_path / "run"
-    common = ["--model_name_or_path", tiny_sd3_dir, "--output_dir", str(out), "--max_sequence_length", "16",
-              "--num_eval_prompts", "3"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "tempflow.cli", "train", TINY_RECIPE, *common, "--max_steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+def _launch(launcher_args: list[str], train_args: list[str], env: dict) -> None:
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args,
+               "-m", "tempflow.cli", "train", TINY_RECIPE, *train_args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    summary = json.loads((out / "metrics.json").read_text())
-    processes, prompts, children, branch_steps = 2, 2, 3, 3
+
+def _train_args(model_dir, out, *extra) -> list[str]:
+    return ["--model_name_or_path", model_dir, "--output_dir", str(out), "--max_sequence_length", "16",
+            *UNEVEN_ACCUMULATION, *extra]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_sd3_dir, tmp_path_factory):
+    """Two DDP processes, two iterations; its history and LoRA are read before any test resumes it."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no"], _train_args(tiny_sd3_dir, out, "--num_eval_prompts", "3", "--max_steps", "2"),
+            env)
+    return {"out": out, "summary": json.loads((out / "metrics.json").read_text()),
+            "lora": load_file(str(out / "pytorch_lora_weights.safetensors"))}
+
+
+def test_two_process_training_and_single_process_resume(tiny_sd3_dir, ddp_run):
+    out, summary = ddp_run["out"], ddp_run["summary"]
     for step in summary["history"]:
-        assert step["reward/count"] == processes * prompts * branch_steps * children
+        assert step["reward/count"] == REWARDS_PER_ITERATION
         assert step["train/rank_weight_divergence"] == 0.0
+        assert step["train/optimizer_steps"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
+    common = _train_args(tiny_sd3_dir, out, "--num_eval_prompts", "3")
     assert main(["train", TINY_RECIPE, *common, "--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["iterations"] == 3 and len(resumed["history"]) == 3
+
+
+def test_deepspeed_zero2_trains_like_ddp_and_resumes(tiny_sd3_dir, ddp_run, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero2"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    launcher = ["--config_file", ZERO2_CONFIG, "--num_processes", "2"]
+    _launch(launcher, _train_args(tiny_sd3_dir, out, "--eval_prompts", "none", "--max_steps", "1"), env)
+
+    # a DeepSpeed checkpoint: ZeRO optimizer shards of both ranks, the adapter but not the frozen base weights,
+    # and the LoRA in the diffusers format beside it
+    shards = out / "checkpoint-1" / "pytorch_model"
+    assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    model_state = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert model_state["dp_world_size"] == 2
+    assert model_state["ds_config"]["zero_optimization"]["stage"] == 2
+    # the recipe's micro-batch and accumulation, written into the DeepSpeed config by the trainer
+    assert model_state["ds_config"]["train_micro_batch_size_per_gpu"] == 4
+    assert model_state["ds_config"]["gradient_accumulation_steps"] == 2
+    saved_weights = set(model_state["module"]) - set(model_state["buffer_names"])
+    assert saved_weights and all("lora" in name for name in saved_weights)
+    assert (out / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+
+    _launch(launcher, _train_args(tiny_sd3_dir, out, "--eval_prompts", "none", "--max_steps", "2",
+                                  "--resume_from_checkpoint", "latest"), env)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["iterations"] == 2 and len(summary["history"]) == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for step, reference in zip(summary["history"], ddp_run["summary"]["history"], strict=True):
+        assert step["reward/count"] == REWARDS_PER_ITERATION
+        assert step["train/rank_weight_divergence"] == 0.0
+        assert step["train/optimizer_steps"] == 3 and step["train/skipped_steps"] == 0
+        assert step["reward/mean"] == pytest.approx(reference["reward/mean"], abs=1e-6)
+        assert step["train/grad_norm"] == pytest.approx(reference["train/grad_norm"], rel=1e-4)
+
+    # ZeRO-2, stopped after one iteration and resumed, ends with the weights of two uninterrupted DDP iterations
+    lora, reference = load_file(str(out / "pytorch_lora_weights.safetensors")), ddp_run["lora"]
+    assert lora.keys() == reference.keys()
+    assert any(value.abs().max() > 0 for name, value in lora.items() if "lora_B" in name)  # B starts at zero
+    for name in lora:
+        torch.testing.assert_close(lora[name], reference[name], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml")),

@@ -183,3 +183,47 @@ def test_bf16_and_gradient_checkpointing_train(tiny_sd3_dir, tmp_path):
     metrics = trainer.training_step()
     assert math.isfinite(metrics["train/policy_loss"]) and metrics["train/optimizer_steps"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))
+
+
+def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference(tiny_sd3_dir, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    config = _config(tiny_sd3_dir, tmp_path, use_lora=False, beta=0.1, learning_rate=1e-3, max_steps=1)
+    trainer = _trainer(config)
+    transformer = trainer.policy.transformer
+    assert not trainer.policy.has_lora
+    assert len(trainer.trainable) == len(list(transformer.parameters())) and all(p.requires_grad for p in trainer.trainable)
+    initial = {k: v.clone() for k, v in transformer.state_dict().items()}
+
+    summary = trainer.train()
+    assert summary["history"][0]["train/kl"] > 0  # the later optimizer steps of the iteration are off the reference
+    assert any(not torch.equal(v, initial[k]) for k, v in transformer.state_dict().items())
+    with trainer.policy.reference() as reference:
+        assert reference is not transformer
+        for name, value in reference.state_dict().items():
+            assert torch.equal(value, initial[name]), name
+
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    exported = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer").state_dict()
+    assert exported.keys() == transformer.state_dict().keys()
+    for name, value in transformer.state_dict().items():
+        assert torch.equal(exported[name], value), name
+
+    without_kl = _trainer(_config(tiny_sd3_dir, tmp_path / "no-kl", use_lora=False))
+    with pytest.raises(RuntimeError, match="KL reference"), without_kl.policy.reference():
+        pass  # beta 0: no frozen copy is kept
+
+
+def test_ema_offload_keeps_the_ema_on_the_cpu_with_the_same_values(tiny_sd3_dir, tmp_path):
+    trainers = {}
+    for offload in (False, True):
+        config = _config(tiny_sd3_dir, tmp_path / str(offload), use_ema=True, ema_decay=0.5, ema_offload=offload)
+        trainers[offload] = trainer = _trainer(config)
+        trainer.training_step()
+    on_device, offloaded = trainers[False], trainers[True]
+    assert offloaded.ema.optimization_step == on_device.ema.optimization_step == 3
+    for shadow, reference, weight in zip(offloaded.ema.shadow_params, on_device.ema.shadow_params, offloaded.trainable):
+        assert shadow.device.type == "cpu" and shadow.data_ptr() != weight.data_ptr()
+        torch.testing.assert_close(shadow, reference, atol=1e-7, rtol=0)
+    # an average of the weights' trajectory, not a copy of the current weights
+    assert any(not torch.allclose(s, w) for s, w in zip(offloaded.ema.shadow_params, offloaded.trainable))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+GATES_FILE = "block_sparse_gates.safetensors"
+
 
 @dataclass
 class PromptEmbeds:
@@ -47,6 +49,8 @@ class FlowPolicy:
     default_lora_target_modules: tuple[str, ...] = ()
     default_max_sequence_length: int = 256
     t5_tokenizer_attribute: str = ""
+    unbatched_inputs: tuple[str, ...] = ()
+    """Transformer inputs without a batch dimension (shared by all samples of a call)."""
 
     def __init__(
         self,
@@ -64,6 +68,9 @@ class FlowPolicy:
         self.decode_batch_size = decode_batch_size
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self._frozen_reference: torch.nn.Module | None = None
+        self.softpag = None
+        self.compiled = False
+        self.compile_batch_buckets: tuple[int, ...] = ()
         self.attention_backend = "sdpa"
         self.set_attention_backend(attention_backend)
 
@@ -73,6 +80,42 @@ class FlowPolicy:
         from ..attention.pruning import apply_token_pruning
 
         apply_token_pruning(self.transformer, self.family, pruning)
+
+    def set_block_sparse(self, sparse) -> None:
+        """Make attention block-sparse (a :class:`~tempflow.attention.block_sparse.BlockSparse`, or ``None`` for
+        dense) on the policy's token grid; it holds for rollouts and recomputation alike."""
+        from ..attention.block_sparse import apply_block_sparse
+
+        apply_block_sparse(self.transformer, self.family, sparse, self.token_grid)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Image tokens per side (height, width) that the transformer sees at the policy's resolution."""
+        raise NotImplementedError
+
+    def set_softpag(self, softpag) -> None:
+        """Perturbed-attention guidance for sampling and evaluation (a
+        :class:`~tempflow.attention.softpag.SoftPAG`; ``None`` or scale 0: off): ``velocity()`` adds
+        ``s·(v_cond − v_perturbed)`` at the cost of one more conditional transformer call. Training rollouts refuse
+        it (:class:`~tempflow.rollout.RolloutEngine`): their log-prob recomputation must see the same velocity."""
+        from ..attention.softpag import check_softpag
+
+        if softpag is None or not softpag.active:
+            self.softpag = None
+            return
+        check_softpag(self.transformer, self.family, softpag)
+        self.softpag = softpag
+
+    def compile_transformer(self, backend: str = "inductor", mode: str = "default", batch_buckets=()) -> None:
+        """``torch.compile`` the transformer in place (see :mod:`tempflow.compilation`): rollouts, recomputation
+        and evaluation then run the compiled module. Call after LoRA, gradient checkpointing and token pruning
+        are set, before the first transformer call. ``batch_buckets``: static graphs for these batch sizes
+        (calls padded up to them); empty: one graph with a dynamic batch dimension."""
+        from ..compilation import compile_transformer
+
+        compile_transformer(self.transformer, backend, mode, batch_buckets)
+        self.compiled = True
+        self.compile_batch_buckets = tuple(sorted(batch_buckets))
 
     def _pipeline_max_sequence_length(self) -> int:
         """The family's default T5 length, or the pipeline's T5 tokenizer ``model_max_length`` when shorter (a
@@ -94,7 +137,22 @@ class FlowPolicy:
         from ..attention.backends import attention_context
 
         with attention_context(self.attention_backend):
+            if self.compiled:
+                from ..compilation import compiled_call
+
+                return compiled_call(model, inputs, self.compile_batch_buckets, self.unbatched_inputs).float()
             return model(**inputs, return_dict=False)[0].float()
+
+    def _softpag_guidance(self, model, guided: torch.Tensor, cond: torch.Tensor, cond_inputs: dict) -> torch.Tensor:
+        """``guided`` plus SoftPAG's term, from one more call on the conditional ``cond_inputs`` with perturbed
+        attention; ``guided`` itself while SoftPAG is off."""
+        if self.softpag is None:
+            return guided
+        from ..attention.softpag import softpag_attention
+
+        with softpag_attention(model, self.family, self.softpag):
+            perturbed = self._forward(model, **cond_inputs)
+        return perturbed_attention_guidance(guided, cond, perturbed, self.softpag.scale)
 
     # --- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -251,6 +309,8 @@ class FlowPolicy:
                 target_modules=list(target_modules or self.default_lora_target_modules),
             )
         )
+        for gate in self.block_sparse_gates().values():  # trained beside the adapter, saved with it
+            gate.requires_grad_(True)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         for param in trainable:  # the optimizer state and updates of adapter weights stay in float32
             param.data = param.data.float()
@@ -267,13 +327,42 @@ class FlowPolicy:
 
     def save_lora(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the adapter as ``pytorch_lora_weights.safetensors`` in the diffusers format, loadable with
-        ``pipeline.load_lora_weights(directory)``."""
+        ``pipeline.load_lora_weights(directory)``; block-sparse gates, when on, go beside it."""
         self.pipeline_class.save_lora_weights(
             str(directory), transformer_lora_layers=state_dict or self.lora_state_dict(), safe_serialization=True
         )
+        gates = self.block_sparse_gates()
+        if gates:
+            from safetensors.torch import save_file
+
+            save_file({name: g.detach().float().cpu() for name, g in gates.items()}, Path(directory) / GATES_FILE)
 
     def load_lora(self, directory: str | os.PathLike) -> None:
         self.pipeline.load_lora_weights(str(directory))
+        self.load_block_sparse_gates(directory)
+
+    def block_sparse_gates(self, model: torch.nn.Module | None = None) -> dict[str, torch.nn.Parameter]:
+        """The per-head gates of block-sparse attention (empty unless installed with ``gate`` on)."""
+        model = model or self.transformer
+        return {name: p for name, p in model.named_parameters() if name.endswith("processor.gate")}
+
+    def load_block_sparse_gates(self, directory: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+        """Load ``block_sparse_gates.safetensors`` from ``directory`` if it is there; the installed gates must
+        match it name for name."""
+        path = Path(directory) / GATES_FILE
+        if not path.is_file():
+            return
+        from safetensors.torch import load_file
+
+        saved, gates = load_file(path), self.block_sparse_gates(model)
+        if saved.keys() != gates.keys():
+            raise ValueError(
+                f"{path} holds gates for {sorted(saved)}, but the model's block-sparse gates are {sorted(gates)}; "
+                "install block-sparse attention with the same layers and gate=True first"
+            )
+        with torch.no_grad():
+            for name, gate in gates.items():
+                gate.copy_(saved[name])
 
     def keep_frozen_reference(self) -> None:
         """Full fine-tuning with KL: keep a frozen copy of the initial transformer as the reference."""
@@ -321,10 +410,18 @@ def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def perturbed_attention_guidance(
+    v_guided: torch.Tensor, v_cond: torch.Tensor, v_perturbed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """PAG on top of the usual guidance: ``v = v_guided + s·(v_cond − v_perturbed)``."""
+    return v_guided + scale * (v_cond - v_perturbed)
+
+
 __all__ = [
     "FlowPolicy",
     "PromptEmbeds",
     "classifier_free_guidance",
     "expand_batch",
+    "perturbed_attention_guidance",
     "read_pipeline_class_name",
 ]

@@ -18,6 +18,7 @@ class FluxPolicy(FlowPolicy):
     )
     default_max_sequence_length = 512
     t5_tokenizer_attribute = "tokenizer_2"
+    unbatched_inputs = ("txt_ids", "img_ids")
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
@@ -32,6 +33,10 @@ class FluxPolicy(FlowPolicy):
     def _latent_hw(self) -> int:
         # FluxPipeline.prepare_latents: the VAE grid rounded down to an even size, for 2×2 packing
         return 2 * (self.resolution // (self.vae_scale_factor * 2))
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return (self._latent_hw // 2, self._latent_hw // 2)
 
     @property
     def image_seq_len(self) -> int:
@@ -58,8 +63,7 @@ class FluxPolicy(FlowPolicy):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
-        return self._forward(
-            model,
+        conditional = dict(
             hidden_states=latents.to(dtype),
             timestep=sigmas.to(device, torch.float32),
             guidance=guidance,
@@ -68,3 +72,6 @@ class FluxPolicy(FlowPolicy):
             txt_ids=text_ids,
             img_ids=image_ids,
         )
+        prediction = self._forward(model, **conditional)
+        # FLUX's prediction is already the conditional one (guidance is an embedding, not a second branch)
+        return self._softpag_guidance(model, prediction, prediction, conditional)

@@ -45,34 +45,39 @@ class SD3Policy(FlowPolicy):
         return (self.transformer.config.in_channels, size, size)
 
     @property
-    def image_seq_len(self) -> int:
+    def token_grid(self) -> tuple[int, int]:
         patch = self.transformer.config.patch_size
-        return (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
+        return (self.latent_shape[1] // patch, self.latent_shape[2] // patch)
+
+    @property
+    def image_seq_len(self) -> int:
+        height, width = self.token_grid
+        return height * width
 
     def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randn((1, *self.latent_shape), generator=generator, dtype=torch.float32)
 
     def velocity(self, latents, sigmas, embeds, model=None):
         model = model or self.transformer
-        batch = latents.shape[0]
+        batch, dtype = latents.shape[0], self.transformer.dtype
         timesteps = sigmas.to(latents.device, torch.float32) * self.pipeline.scheduler.config.num_train_timesteps
         context, pooled = embeds.tensors["prompt_embeds"], embeds.tensors["pooled_prompt_embeds"]
-        model_input = latents
-        if self.do_cfg:
-            negative = self._negative_embeds()
-            context = torch.cat([expand_batch(negative.tensors["prompt_embeds"], batch), context])
-            pooled = torch.cat([expand_batch(negative.tensors["pooled_prompt_embeds"], batch), pooled])
-            model_input = torch.cat([latents, latents])
-            timesteps = torch.cat([timesteps, timesteps])
-        dtype = self.transformer.dtype
-        prediction = self._forward(
-            model,
-            hidden_states=model_input.to(dtype),
+        conditional = dict(
+            hidden_states=latents.to(dtype),
             timestep=timesteps,
             encoder_hidden_states=context.to(dtype),
             pooled_projections=pooled.to(dtype),
         )
-        if self.do_cfg:
-            uncond, cond = prediction.chunk(2)
-            return classifier_free_guidance(uncond, cond, self.guidance_scale)
-        return prediction
+        if not self.do_cfg:
+            prediction = self._forward(model, **conditional)
+            return self._softpag_guidance(model, prediction, prediction, conditional)
+        negative = self._negative_embeds()
+        prediction = self._forward(
+            model,
+            hidden_states=torch.cat([latents, latents]).to(dtype),
+            timestep=torch.cat([timesteps, timesteps]),
+            encoder_hidden_states=torch.cat([expand_batch(negative.tensors["prompt_embeds"], batch), context]).to(dtype),
+            pooled_projections=torch.cat([expand_batch(negative.tensors["pooled_prompt_embeds"], batch), pooled]).to(dtype),
+        )
+        uncond, cond = prediction.chunk(2)
+        return self._softpag_guidance(model, classifier_free_guidance(uncond, cond, self.guidance_scale), cond, conditional)
