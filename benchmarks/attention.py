@@ -180,6 +180,7 @@ def shapes_section(limit, num_steps, kernel, device) -> list[dict]:
         "dense": lambda: None,
         "token pruning keep 0.7 after block 2": lambda: policy.set_token_pruning(TokenPruning((2,), 0.7)),
         "token pruning keep 0.7 after block 4": lambda: policy.set_token_pruning(TokenPruning((4,), 0.7)),
+        "block-sparse 0.75 (2×2 tiles)": lambda: policy.set_block_sparse(BlockSparse(0.75, (2, 2), kernel=kernel)),
         "block-sparse 0.5 (2×2 tiles)": lambda: policy.set_block_sparse(BlockSparse(0.5, (2, 2), kernel=kernel)),
         "block-sparse 0.5 + delta": lambda: policy.set_block_sparse(
             BlockSparse(0.5, (2, 2), delta_correction=True, kernel=kernel)),

@@ -53,5 +53,5 @@ def test_attention_benchmark_runs_and_full_density_matches_dense(tmp_path):
     assert {row["method"].split(" ")[0] for row in results["transformer"]} == {"dense", "token", "block-sparse"}
     shapes = results["shapes"]
     assert shapes[0]["method"] == "dense" and shapes[0]["latent_rel_error"] == 0.0
-    assert all(0.0 <= row["strict_accuracy"] <= 1.0 for row in shapes) and len(shapes) == 5
+    assert all(0.0 <= row["strict_accuracy"] <= 1.0 for row in shapes) and len(shapes) == 6
     assert json.loads(output.read_text())["device"] == "cpu"
