@@ -117,6 +117,11 @@ def sparse_image_attention(
     """Block-sparse attention of image queries ``[B, H, N, D]`` (row-major grid order) over the image keys and
     all text keys ``[B, H, P, D]``; returns ``[B, H, N, D]`` in the input order. ``gate``: per-head ``[H]``."""
     order = tile_order(grid, sparse.tile).to(query.device)
+    if query.shape[2] != len(order):
+        raise ValueError(
+            f"{query.shape[2]} image tokens do not fill the token grid {list(grid)} block-sparse attention was set "
+            "up for (set it again after changing the resolution)"
+        )
     tokens = sparse.tile_tokens
     q, k, v = query[:, :, order], key[:, :, order], value[:, :, order]
     num_tiles = q.shape[2] // tokens

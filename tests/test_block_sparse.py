@@ -36,6 +36,9 @@ def test_tile_order_lists_tokens_tile_by_tile():
     assert video[:8].tolist() == [0, 1, 4, 5, 16, 17, 20, 21]
     with pytest.raises(ValueError, match="not divisible"):
         tile_order((4, 6), (4, 4))
+    (q, k, v), _ = _qkv(tokens=32)
+    with pytest.raises(ValueError, match="do not fill the token grid"):
+        sparse_image_attention(q, k, v, None, None, (8, 8), BlockSparse(0.5, TILE, kernel="torch"))
 
 
 def test_every_tile_kept_is_dense_attention():
