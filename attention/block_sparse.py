@@ -34,7 +34,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from .block_sparse_kernels import TRITON_BLOCK_SIZES, TRITON_HEAD_DIMS, block_sparse_attention
-from .pruning import TokenPruner, flux_attention_output, flux_joint_qkv
+from .pruning import TokenPruner, block_attentions, flux_attention_output, flux_joint_qkv, mmdit_blocks
 
 KERNELS = ("auto", "triton", "flex", "torch")
 
@@ -225,13 +225,6 @@ class BlockSparseFluxAttnProcessor(_SparseProcessor):
         return flux_attention_output(attn, out.transpose(1, 2).flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
 
-def attention_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The attention modules of each block in order (SD3: a block's ``attn`` and, in dual-attention blocks,
-    ``attn2``; FLUX: double blocks, then single blocks)."""
-    blocks = list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
-    return [[m for m in (block.attn, getattr(block, "attn2", None)) if m is not None] for block in blocks]
-
-
 def apply_block_sparse(transformer: torch.nn.Module, family: str, sparse: BlockSparse | None, grid) -> None:
     """Make the chosen blocks' attention block-sparse for a token ``grid`` (or restore dense with None).
 
@@ -245,7 +238,7 @@ def apply_block_sparse(transformer: torch.nn.Module, family: str, sparse: BlockS
     if isinstance(transformer.__dict__.get("forward"), TokenPruner):
         raise ValueError("block-sparse attention cannot be combined with token pruning (the token grid changes)")
     tile_order(tuple(grid), sparse.tile)  # validates grid against tile
-    blocks = attention_layers(transformer)
+    blocks = [block_attentions(block) for block in mmdit_blocks(transformer)]
     bad = [layer for layer in sparse.layers if layer >= len(blocks)]
     if bad:
         raise ValueError(f"block-sparse layers {bad} out of range: this transformer has {len(blocks)} blocks")

@@ -38,6 +38,17 @@ from diffusers.models.transformers.transformer_flux import (
 TRANSFORMER_CLASSES = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
 
 
+
+def mmdit_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer's blocks in order: SD3's joint blocks, or FLUX's double blocks then its single blocks (the
+    indexing that pruning, block-sparse and SoftPAG layers use)."""
+    return list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
+
+
+def block_attentions(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The block's self-attention modules: ``attn``, and SD3.5's image-only ``attn2`` where present."""
+    return [module for module in (block.attn, getattr(block, "attn2", None)) if module is not None]
+
 @dataclass(frozen=True)
 class TokenPruning:
     """Where and how much to prune.
@@ -94,7 +105,7 @@ class TokenPruner:
         self.transformer = transformer
         self.family = family
         self.pruning = pruning
-        self.blocks = list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
+        self.blocks = mmdit_blocks(transformer)
         pruning.check_layers(len(self.blocks))
         self.kept_positions: list[torch.Tensor] = []
         self._keeps: list[torch.Tensor] | None = None  # indices into the active tokens, one per pruning layer

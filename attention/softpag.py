@@ -40,8 +40,10 @@ from .pruning import (
     TRANSFORMER_CLASSES,
     PerSampleRotaryFluxAttnProcessor,
     _carry_backend,
+    block_attentions,
     flux_attention_output,
     flux_joint_qkv,
+    mmdit_blocks,
 )
 
 
@@ -186,15 +188,6 @@ REPLACEABLE_PROCESSORS = {
 }
 
 
-def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    return list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
-
-
-def _attentions(block: torch.nn.Module) -> list[torch.nn.Module]:
-    """The block's self-attention modules: ``attn``, and SD3.5's image-only ``attn2`` where present."""
-    return [module for module in (block.attn, getattr(block, "attn2", None)) if module is not None]
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer inside DDP (``module``) and ``torch.compile`` (``_orig_mod``) wrappers."""
     while True:
@@ -215,7 +208,7 @@ def check_softpag(model: torch.nn.Module, family: str, softpag: SoftPAG) -> None
         raise ValueError(
             f"SoftPAG for {family!r} needs a {TRANSFORMER_CLASSES[family].__name__}, got {type(transformer).__name__}"
         )
-    blocks = _blocks(transformer)
+    blocks = mmdit_blocks(transformer)
     bad = [layer for layer in softpag.layers if layer >= len(blocks)]
     if bad:
         raise ValueError(
@@ -223,7 +216,7 @@ def check_softpag(model: torch.nn.Module, family: str, softpag: SoftPAG) -> None
             f"[0, {len(blocks) - 1}]"
         )
     for layer in softpag.layers:
-        for attn in _attentions(blocks[layer]):
+        for attn in block_attentions(blocks[layer]):
             if softpag.heads is not None and max(softpag.heads) >= attn.heads:
                 raise ValueError(
                     f"SoftPAG heads {list(softpag.heads)} out of range: block {layer} has {attn.heads} heads"
@@ -241,11 +234,11 @@ def softpag_attention(model: torch.nn.Module, family: str, softpag: SoftPAG):
     processors, with their dispatcher settings, come back on exit. Works with token pruning installed (its
     ``forward`` still calls the same blocks)."""
     check_softpag(model, family, softpag)
-    blocks = _blocks(_unwrap(model))
+    blocks = mmdit_blocks(_unwrap(model))
     replaced, hooks = [], []
     try:
         for layer in softpag.layers:
-            for attn in _attentions(blocks[layer]):
+            for attn in block_attentions(blocks[layer]):
                 original = attn.processor
                 if family == "sd3":
                     processor = SoftPAGJointAttnProcessor(softpag.head_softness(attn.heads))
