@@ -87,7 +87,7 @@ def evaluate(args) -> dict:
     import dataclasses
     import json
 
-    from .evaluation import evaluation_seeds, sample_images, score_images
+    from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task
     from .plots import save_image_grid
     from .prompts import load_prompts
     from .rewards.combined import CombinedReward
@@ -99,15 +99,18 @@ def evaluate(args) -> dict:
                            args.num_steps, progress=True)
     _, components = score_images(reward, images, records, progress=True)
     results = {name: float(values.nanmean()) for name, values in components.items()}
+    per_task = scores_by_task(components, records)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),
                "num_steps": args.num_steps, "guidance_scale": args.guidance_scale,
-               "softpag": policy.softpag and dataclasses.asdict(policy.softpag), "rewards": results}
+               "softpag": policy.softpag and dataclasses.asdict(policy.softpag), "rewards": results, "per_task": per_task}
     (output / "eval.json").write_text(json.dumps(summary, indent=2))
     save_image_grid(images[:16], [r["prompt"] for r in records[:16]], output / "eval_grid.png")
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
+        if per_task:
+            print("  " + ", ".join(f"{task} {score:.3f}" for task, score in per_task[name].items()))
     return summary
 
 

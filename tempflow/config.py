@@ -218,7 +218,10 @@ class TempFlowGRPOConfig:
         default="shapes:train",
     )
     eval_prompts: str | None = _help("Held-out prompt file (same formats); none disables evaluation.", default="shapes:eval")
-    num_eval_prompts: int | None = _help("Evaluate on the first n held-out prompts; default all.", default=None)
+    num_eval_prompts: int | None = _help(
+        "Evaluate on n held-out prompts spread evenly over the file (every task keeps its share); default all.",
+        default=None,
+    )
     reward_funcs: list[str] = _help(
         "Registered reward names or `package.module:function` paths.", default_factory=lambda: ["shapes"]
     )

@@ -52,6 +52,28 @@ def sample_images(
     return torch.cat(images)
 
 
+def record_task(record: dict) -> str | None:
+    """The task a prompt record belongs to, for per-task scores: a ``task`` key, GenEval's ``tag``, or the task of
+    a ShapesWorld ``spec``; ``None`` when the record names none."""
+    spec = record.get("spec")
+    task = record.get("task") or record.get("tag") or (spec.get("task") if isinstance(spec, dict) else None)
+    return None if task is None else str(task)
+
+
+def scores_by_task(components: dict[str, torch.Tensor], records: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean of each reward component per task (NaN scores left out), tasks in first-seen order; ``{}`` when no
+    record names a task."""
+    labels = [record_task(r) for r in records]
+    if all(label is None for label in labels):
+        return {}
+    labels = [label or "(none)" for label in labels]
+    masks = {task: torch.tensor([label == task for label in labels]) for task in dict.fromkeys(labels)}
+    return {
+        name: {task: float(values[mask].nanmean()) for task, mask in masks.items()}
+        for name, values in components.items()
+    }
+
+
 def score_images(
     reward, images: torch.Tensor, records: list[dict], progress: bool = False
 ) -> tuple[torch.Tensor, dict]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 SHAPES_PREFIX = "shapes:"
 
 
@@ -34,6 +36,17 @@ def load_prompts(source: str) -> list[dict]:
             raise ValueError(f"prompt file {source!r}, line {n}: expected an object with a string `prompt`")
         records.append(record)
     return records
+
+
+def spread_subset(records: list[dict], count: int | None) -> list[dict]:
+    """``count`` records spread evenly over the list (all when ``count`` is None or too large), in order.
+
+    Held-out files are often grouped by task (GenEval's metadata, ShapesWorld's eval set), so the first n
+    prompts would cover only the first tasks; an even spread keeps every task's share.
+    """
+    if count is None or count >= len(records):
+        return list(records)
+    return [records[int(i)] for i in np.linspace(0, len(records) - 1, count).round()]
 
 
 def metadata_columns(records: list[dict]) -> dict[str, list]:

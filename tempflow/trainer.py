@@ -35,7 +35,7 @@ from .evaluation import evaluation_seeds, sample_images, score_images
 from .loss import clipped_policy_loss, noise_aware_weights
 from .plots import plot_reward_curve, save_before_after_grid, save_image_grid
 from .policies import FlowPolicy, load_policy
-from .prompts import load_prompts
+from .prompts import load_prompts, spread_subset
 from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
 from .sampling import step_kl, stochastic_step
 from .scoring import StreamingScorer
@@ -114,7 +114,7 @@ class TempFlowGRPOTrainer:
         self.train_prompts = train_prompts if train_prompts is not None else load_prompts(config.train_prompts)
         if eval_prompts is None and config.eval_prompts not in (None, "", "none"):
             eval_prompts = load_prompts(config.eval_prompts)
-        self.eval_prompts = (eval_prompts or [])[: config.num_eval_prompts]
+        self.eval_prompts = spread_subset(eval_prompts or [], config.num_eval_prompts)
         if reward_funcs is None:
             self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights,
                                                     config.reward_error_policy, config.reward_kwargs,

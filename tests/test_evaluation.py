@@ -1,10 +1,22 @@
-"""Evaluation sampling and scoring in chunks (for progress bars) give what one pass gives."""
+"""Evaluation sampling and scoring in chunks (for progress bars) give what one pass gives; scores split by task;
+held-out subsets keep every task."""
+
+from collections import Counter
 
 import torch
 
-from tempflow.evaluation import SCORING_CHUNK_SIZE, evaluation_seeds, sample_images, score_images
+from tempflow.evaluation import (
+    SCORING_CHUNK_SIZE,
+    evaluation_seeds,
+    record_task,
+    sample_images,
+    score_images,
+    scores_by_task,
+)
+from tempflow.prompts import load_prompts, spread_subset
 from tempflow.rewards.combined import CombinedReward
 from tempflow.rollout import RolloutEngine
+from tempflow.shapes.world import TASKS
 
 
 def _tagged(images, prompts, tag, **metadata):
@@ -28,3 +40,37 @@ def test_chunked_scoring_keeps_each_image_with_its_own_metadata():
     total, components = score_images(CombinedReward({"tagged": _tagged}), images, records, progress=True)
     torch.testing.assert_close(total, torch.arange(count, dtype=total.dtype) + 0.5)
     torch.testing.assert_close(components["tagged"], total)
+
+
+def test_record_task_reads_task_geneval_tag_and_shapes_spec():
+    assert record_task({"prompt": "p", "task": "counting"}) == "counting"
+    assert record_task({"prompt": "p", "tag": "position", "include": []}) == "position"
+    assert record_task({"prompt": "p", "spec": {"task": "colors", "objects": []}}) == "colors"
+    assert record_task({"prompt": "p"}) is None
+
+
+def test_scores_by_task_averages_each_component_within_its_task_and_skips_nan():
+    records = [{"prompt": "p", "task": t} for t in ["b", "a", "b", "a", "b"]]
+    components = {"strict": torch.tensor([1.0, 0.0, 0.0, 1.0, float("nan")]), "other": torch.arange(5.0)}
+    assert scores_by_task(components, records) == {
+        "strict": {"b": 0.5, "a": 0.5},
+        "other": {"b": 2.0, "a": 2.0},
+    }
+    assert list(scores_by_task(components, records)["strict"]) == ["b", "a"]  # first-seen order
+    untagged = [{"prompt": "p"}] * 5
+    assert scores_by_task(components, untagged) == {}
+    mixed = scores_by_task(components, records[:4] + [{"prompt": "p"}])
+    assert mixed["other"] == {"b": 1.0, "a": 2.0, "(none)": 4.0}
+
+
+def test_a_held_out_subset_spreads_over_every_task_of_a_task_sorted_file():
+    records = load_prompts("shapes:eval")  # grouped by task, 200 prompts
+    subset = spread_subset(records, 100)
+    counts = Counter(record_task(r) for r in subset)
+    assert len(subset) == 100 and set(counts) == set(TASKS)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    position = {id(r): i for i, r in enumerate(records)}  # by identity: the eval set repeats some prompts
+    positions = [position[id(r)] for r in subset]
+    assert positions == sorted(set(positions))  # in file order, no record twice
+    assert spread_subset(records, None) == records and spread_subset(records, 500) == records
+    assert spread_subset(records, 1) == records[:1]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tempflow.cli import main
+from tempflow.shapes.world import TASKS
 
 SHAPES_RECIPE = str(Path(__file__).parents[1] / "recipes" / "shapes.yaml")
 
@@ -39,3 +40,5 @@ def test_sample_and_eval_on_the_shipped_pipeline(demo_run, tmp_path, with_lora):
     assert main(["eval", "--limit", "6", "--num-steps", "4", "--output", str(tmp_path / "eval"), *lora]) == 0
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert 0.0 <= result["rewards"]["shapes_strict"] <= 1.0 and result["num_prompts"] == 6
+    per_task = result["per_task"]["shapes_strict"]  # the first held-out prompts are single objects then pairs
+    assert set(per_task) <= set(TASKS) and per_task

@@ -9,16 +9,17 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from tempflow.shapes import pipeline_path
-from tempflow.shapes.detector import strict_score
+from tempflow.shapes.detector import detect, strict_score
 from tempflow.shapes.pretrain import (
     CLIP_MAX_LENGTH,
     MAX_SEQUENCE_LENGTH,
+    SceneStream,
     build_shapes_pipeline,
     pretrain_shapes,
     render_images,
     to_uint8_arrays,
 )
-from tempflow.shapes.world import VOCABULARY, load_prompt_set
+from tempflow.shapes.world import MAX_OBJECTS, VOCABULARY, load_prompt_set
 
 
 def _generate(pipeline: StableDiffusion3Pipeline, prompt: str, num_steps: int = 4) -> torch.Tensor:
@@ -97,6 +98,44 @@ def test_short_pretraining_runs_end_to_end_and_reloads(tmp_path):
     assert not torch.equal(snapshot.transformer.state_dict()[weight], reloaded.transformer.state_dict()[weight])
     assert reloaded.vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
     assert _generate(reloaded, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)
+
+
+def test_continued_pretraining_keeps_the_vae_and_trains_only_the_transformer(tmp_path):
+    pretrain_shapes(tmp_path / "base", vae_steps=2, transformer_steps=2, batch_size=2, vae_batch_size=2,
+                    progress=False, vae_eval_scenes=4)
+    metrics = pretrain_shapes(tmp_path / "more", transformer_steps=2, batch_size=2, progress=False,
+                              init_from=tmp_path / "base", unmentioned_object_rate=0.5, transformer_lr=1e-3)
+    assert np.isfinite(metrics["flow_loss"]) and "vae_loss" not in metrics
+    base = StableDiffusion3Pipeline.from_pretrained(tmp_path / "base")
+    more = StableDiffusion3Pipeline.from_pretrained(tmp_path / "more")
+    for name, weight in base.vae.state_dict().items():
+        assert torch.equal(weight, more.vae.state_dict()[name]), name
+    assert base.vae.config.scaling_factor == more.vae.config.scaling_factor
+    weight = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(base.transformer.state_dict()[weight], more.transformer.state_dict()[weight])
+    with pytest.raises(FileNotFoundError, match="not a saved pipeline"):
+        pretrain_shapes(tmp_path / "x", transformer_steps=1, progress=False, init_from=tmp_path / "missing")
+
+
+def test_unmentioned_objects_are_drawn_at_their_rate_and_never_past_four():
+    clean, noisy = SceneStream(0), SceneStream(0, unmentioned_object_rate=1.0)
+    spec = {"task": "colors", "objects": [{"shape": "circle", "color": "red", "count": 1}], "relation": None}
+    assert clean.scene_spec(spec) is spec
+    assert clean.rng.bit_generator.state == SceneStream(0).rng.bit_generator.state  # rate 0 draws nothing
+    drawn = noisy.scene_spec(spec)
+    assert drawn["objects"][0] == spec["objects"][0] and len(drawn["objects"]) == 2
+    image = render_images([drawn], noisy.rng)
+    (pixels,) = to_uint8_arrays(image)
+    assert len(detect(pixels)) == 2 and strict_score(pixels, spec) == 0.0
+    assert strict_score(pixels, spec, allow_extra=True) == 1.0
+    full = {"task": "counting", "objects": [{"shape": "square", "color": "blue", "count": MAX_OBJECTS}],
+            "relation": None}
+    assert noisy.scene_spec(full) is full
+    half = SceneStream(1, unmentioned_object_rate=0.5)
+    share = np.mean([len(half.scene_spec(spec)["objects"]) == 2 for _ in range(2000)])
+    assert 0.45 < share < 0.55
+    with pytest.raises(ValueError, match="unmentioned_object_rate"):
+        SceneStream(0, unmentioned_object_rate=1.5)
 
 
 def test_truncation_to_the_pipelines_own_t5_length_is_quiet_but_a_shorter_user_length_still_warns(caplog):

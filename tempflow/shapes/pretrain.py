@@ -12,6 +12,9 @@ latents) and a small MM-DiT. Pretraining has two stages, on scenes rendered on t
    10% of the captions dropped to the empty prompt for classifier-free guidance, and an EMA of its weights
    is what gets saved.
 
+``--init-from`` continues the transformer of a saved pipeline instead (its VAE and text encoders are kept), and
+``--unmentioned-object-rate`` adds objects that the captions leave out, to build bases with a known flaw.
+
 :func:`evaluate_pipeline` scores a saved pipeline on the held-out eval prompts with the tempflow SD3 policy,
 ODE rollouts and the ShapesWorld detector. ``python -m tempflow.shapes.pretrain`` (``tempflow
 pretrain-shapes``) runs the whole thing.
@@ -50,7 +53,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from tempflow.testing import build_t5_tokenizer, tiny_t5_config
 
 from .detector import strict_score
-from .world import BACKGROUND, TASKS, VOCABULARY, load_prompt_set, render_scene
+from .world import BACKGROUND, COLORS, MAX_OBJECTS, SHAPES, TASKS, VOCABULARY, load_prompt_set, render_scene
 
 IMAGE_SIZE = 64
 LATENT_CHANNELS = 4
@@ -189,16 +192,35 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 class SceneStream:
-    """Prompts of the shipped train set with fresh random renderings, drawn from a seeded numpy generator."""
+    """Prompts of the shipped train set with fresh random renderings, drawn from a seeded numpy generator.
 
-    def __init__(self, seed: int):
+    With ``unmentioned_object_rate`` q > 0, each scene gets, with probability q, one extra object of a random
+    shape and colour that its caption does not mention: the incomplete captions of web alt-text, which name the
+    subject and leave the rest out. A model trained on them adds unrequested objects to some of its images, a
+    prompt-independent flaw that GenEval-style strict scoring fails and a detector reward can train away.
+    """
+
+    def __init__(self, seed: int, unmentioned_object_rate: float = 0.0):
+        if not 0.0 <= unmentioned_object_rate <= 1.0:
+            raise ValueError(f"unmentioned_object_rate must be in [0, 1], got {unmentioned_object_rate}")
         self.rng = np.random.default_rng(seed)
         self.entries = load_prompt_set("train")
+        self.unmentioned_object_rate = unmentioned_object_rate
 
     def next_batch(self, batch_size: int) -> tuple[list[str], torch.Tensor]:
         """``batch_size`` prompts and their renderings ``[B, 3, H, W]`` in ``[-1, 1]``."""
         picks = [self.entries[i] for i in self.rng.integers(len(self.entries), size=batch_size)]
-        return [p["prompt"] for p in picks], render_images([p["spec"] for p in picks], self.rng)
+        return [p["prompt"] for p in picks], render_images([self.scene_spec(p["spec"]) for p in picks], self.rng)
+
+    def scene_spec(self, spec: dict) -> dict:
+        """What gets drawn for a caption's ``spec``: the spec itself, or it plus an unmentioned object (not in
+        scenes that already hold the world's maximum of four)."""
+        if not self.unmentioned_object_rate or self.rng.random() >= self.unmentioned_object_rate:
+            return spec  # (no draw at rate 0: the clean stream is the one the shipped base was trained on)
+        if sum(o["count"] for o in spec["objects"]) >= MAX_OBJECTS:
+            return spec
+        extra = {"shape": str(self.rng.choice(SHAPES)), "color": str(self.rng.choice(list(COLORS))), "count": 1}
+        return {**spec, "objects": [*spec["objects"], extra]}
 
 
 def render_images(specs: list[dict], rng: np.random.Generator) -> torch.Tensor:
@@ -431,18 +453,32 @@ def pretrain_shapes(
     vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
     vae_eval_scenes: int = 200,
     snapshot_every: int = 0,
+    init_from: str | Path | None = None,
+    unmentioned_object_rate: float = 0.0,
+    transformer_lr: float = TRANSFORMER_LR,
 ) -> dict:
     """Build the pipeline from ``seed``, train the VAE then the transformer, set the VAE's latent scaling and
     ``save_pretrained`` the result (EMA transformer weights) to ``output_dir``; returns the measured metrics.
-    With ``snapshot_every``, intermediate pipelines are saved beside it as ``<output_dir>-step<N>``."""
+    With ``snapshot_every``, intermediate pipelines are saved beside it as ``<output_dir>-step<N>``.
+
+    ``init_from`` continues from a saved pipeline instead: its VAE and text encoders are kept as they are and
+    only the transformer trains, ``transformer_steps`` more steps. ``unmentioned_object_rate`` sets the share
+    of training scenes with an object their caption leaves out (see :class:`SceneStream`).
+    """
     started = time.perf_counter()
     torch.manual_seed(seed)
-    pipeline = build_shapes_pipeline(seed).to(device)
-    metrics = train_vae(pipeline.vae, SceneStream(seed + 1), vae_steps, vae_batch_size, device, progress=progress)
-    metrics.update(measure_vae(pipeline.vae, seed + 2, vae_eval_scenes, device))
-    pipeline.vae.register_to_config(
-        scaling_factor=1 / metrics["latent_std"], shift_factor=metrics["latent_mean"]
-    )
+    metrics = {}
+    if init_from is None:
+        pipeline = build_shapes_pipeline(seed).to(device)
+        metrics.update(train_vae(pipeline.vae, SceneStream(seed + 1), vae_steps, vae_batch_size, device, progress=progress))
+        metrics.update(measure_vae(pipeline.vae, seed + 2, vae_eval_scenes, device))
+        pipeline.vae.register_to_config(
+            scaling_factor=1 / metrics["latent_std"], shift_factor=metrics["latent_mean"]
+        )
+    else:
+        if not Path(init_from, "model_index.json").is_file():
+            raise FileNotFoundError(f"init_from {str(init_from)!r} is not a saved pipeline (no model_index.json)")
+        pipeline = StableDiffusion3Pipeline.from_pretrained(init_from).to(device)
     metrics["vae_seconds"] = time.perf_counter() - started
 
     def save_snapshot(step: int, ema: SD3Transformer2DModel) -> None:
@@ -452,12 +488,13 @@ def pretrain_shapes(
 
     pipeline.transformer, flow_metrics = train_transformer(
         pipeline,
-        SceneStream(seed + 3),
+        SceneStream(seed + 3, unmentioned_object_rate),
         transformer_steps,
         batch_size,
         device,
         seed=seed,
         pool_size=min(MAX_SCENE_POOL, transformer_steps * batch_size),
+        lr=transformer_lr,
         progress=progress,
         snapshot_every=snapshot_every,
         on_snapshot=save_snapshot,
@@ -526,6 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--snapshot-every", type=int, default=0, help="also save the pipeline every N transformer steps"
     )
+    parser.add_argument(
+        "--init-from", default=None,
+        help="continue from this saved pipeline: keep its VAE and text encoders, train only the transformer",
+    )
+    parser.add_argument(
+        "--unmentioned-object-rate", type=float, default=0.0,
+        help="share of training scenes with one extra object that the caption leaves out (incomplete captions)",
+    )
+    parser.add_argument("--transformer-lr", type=float, default=TRANSFORMER_LR, help="peak transformer learning rate")
     parser.add_argument("--skip-eval", action="store_true", help="do not evaluate the saved pipeline")
     args = parser.parse_args(argv)
     metrics = pretrain_shapes(
@@ -537,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         vae_batch_size=args.vae_batch_size,
         device=args.device,
         snapshot_every=args.snapshot_every,
+        init_from=args.init_from,
+        unmentioned_object_rate=args.unmentioned_object_rate,
+        transformer_lr=args.transformer_lr,
     )
     if not args.skip_eval:
         metrics["eval"] = evaluate_pipeline(args.output_dir, device=args.device)

@@ -43,6 +43,7 @@ BACKGROUND = (240, 240, 240)
 TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+MAX_OBJECTS = 4  # per scene
 _RELATION_PHRASES = {
     "left of": "to the left of",
     "right of": "to the right of",
