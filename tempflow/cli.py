@@ -87,7 +87,7 @@ def evaluate(args) -> dict:
     import dataclasses
     import json
 
-    from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task
+    from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task, task_labels
     from .plots import save_image_grid
     from .prompts import load_prompts
     from .rewards.combined import CombinedReward
@@ -99,7 +99,8 @@ def evaluate(args) -> dict:
                            args.num_steps, progress=True)
     _, components = score_images(reward, images, records, progress=True)
     results = {name: float(values.nanmean()) for name, values in components.items()}
-    per_task = scores_by_task(components, records)
+    labels = task_labels(records)
+    per_task = scores_by_task(components, labels) if labels else {}
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),

@@ -7,6 +7,8 @@ and before/after comparisons see only the change in the model.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -60,18 +62,28 @@ def record_task(record: dict) -> str | None:
     return None if task is None else str(task)
 
 
-def scores_by_task(components: dict[str, torch.Tensor], records: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean of each reward component per task (NaN scores left out), tasks in first-seen order; ``{}`` when no
-    record names a task."""
+def task_labels(records: list[dict]) -> list[str] | None:
+    """Each record's task (``"(none)"`` for a record without one), or ``None`` when no record names a task."""
     labels = [record_task(r) for r in records]
-    if all(label is None for label in labels):
-        return {}
-    labels = [label or "(none)" for label in labels]
-    masks = {task: torch.tensor([label == task for label in labels]) for task in dict.fromkeys(labels)}
-    return {
-        name: {task: float(values[mask].nanmean()) for task, mask in masks.items()}
-        for name, values in components.items()
-    }
+    return None if all(label is None for label in labels) else [label or "(none)" for label in labels]
+
+
+def scores_by_task(
+    components: dict[str, torch.Tensor],
+    labels: list[str],
+    tasks: list[str] | None = None,
+    mean=lambda values: float(values.nanmean()),
+) -> dict[str, dict[str, float]]:
+    """``{component: {task: mean}}`` over the samples labelled with each task (NaN scores left out); ``tasks``
+    (default: the labels, in first-seen order) fixes which tasks and in what order, and ``mean`` may reduce
+    across processes (every process must then pass the same ``tasks``)."""
+    tasks = list(dict.fromkeys(labels)) if tasks is None else tasks
+    scores = {name: {} for name in components}
+    for task in tasks:
+        in_task = torch.tensor([label == task for label in labels], dtype=torch.bool)
+        for name, values in components.items():
+            scores[name][task] = mean(torch.where(in_task.to(values.device), values, torch.full_like(values, math.nan)))
+    return scores
 
 
 def score_images(

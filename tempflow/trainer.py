@@ -31,7 +31,7 @@ from .advantages import group_advantages
 from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
-from .evaluation import evaluation_seeds, sample_images, score_images
+from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task, task_labels
 from .loss import clipped_policy_loss, noise_aware_weights
 from .plots import plot_reward_curve, save_before_after_grid, save_image_grid
 from .policies import FlowPolicy, load_policy
@@ -555,6 +555,7 @@ class TempFlowGRPOTrainer:
             components.update(score_images(self.eval_reward, images, shard)[1])
         results = {"iteration": self.iteration, "eval/reward": self._global_mean(rewards)}
         results.update({f"eval/{name}": self._global_mean(values) for name, values in components.items()})
+        results.update(self._scores_by_task(components, rank, world))
         if self.accelerator.is_main_process:
             samples_dir = Path(config.output_dir) / "samples"
             samples_dir.mkdir(parents=True, exist_ok=True)
@@ -566,6 +567,15 @@ class TempFlowGRPOTrainer:
                 save_before_after_grid(self._before_images, images[:8], [r["prompt"] for r in shard[:8]],
                                        samples_dir / "before_after.png")
         return results
+
+    def _scores_by_task(self, components: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, float]:
+        """``eval_task/{reward}/{task}``: each component's mean over all processes within each task of the
+        held-out prompts (see :func:`~tempflow.evaluation.record_task`); empty when no prompt names a task."""
+        labels = task_labels(self.eval_prompts)
+        if labels is None:
+            return {}
+        scores = scores_by_task(components, labels[rank::world], list(dict.fromkeys(labels)), self._global_mean)
+        return {f"eval_task/{name}/{task}": value for name, by_task in scores.items() for task, value in by_task.items()}
 
     def _log_images(self, images: torch.Tensor) -> None:
         """Send evaluation samples to the trackers that take images (TensorBoard as NHWC uint8, others as PIL)."""

@@ -58,6 +58,12 @@ def test_two_process_training_and_single_process_resume(tiny_sd3_dir, ddp_run):
         assert step["train/rank_weight_divergence"] == 0.0
         assert step["train/optimizer_steps"] == 3
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # Three eval prompts spread over the file: three tasks of one prompt each, split 2 + 1 over the ranks, so
+    # rank 1 has no sample of two of them; the per-task means still come from both ranks' reductions.
+    final = summary["final"]
+    per_task = {k: v for k, v in final.items() if k.startswith("eval_task/brightness/")}
+    assert sorted(per_task) == [f"eval_task/brightness/{t}" for t in ("color_attr", "counting", "single_object")]
+    assert sum(per_task.values()) / 3 == pytest.approx(final["eval/brightness"], rel=1e-6)
 
     common = _train_args(tiny_sd3_dir, out, "--num_eval_prompts", "3")
     assert main(["train", TINY_RECIPE, *common, "--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0

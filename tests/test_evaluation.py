@@ -12,6 +12,7 @@ from tempflow.evaluation import (
     sample_images,
     score_images,
     scores_by_task,
+    task_labels,
 )
 from tempflow.prompts import load_prompts, spread_subset
 from tempflow.rewards.combined import CombinedReward
@@ -52,15 +53,15 @@ def test_record_task_reads_task_geneval_tag_and_shapes_spec():
 def test_scores_by_task_averages_each_component_within_its_task_and_skips_nan():
     records = [{"prompt": "p", "task": t} for t in ["b", "a", "b", "a", "b"]]
     components = {"strict": torch.tensor([1.0, 0.0, 0.0, 1.0, float("nan")]), "other": torch.arange(5.0)}
-    assert scores_by_task(components, records) == {
-        "strict": {"b": 0.5, "a": 0.5},
-        "other": {"b": 2.0, "a": 2.0},
-    }
-    assert list(scores_by_task(components, records)["strict"]) == ["b", "a"]  # first-seen order
-    untagged = [{"prompt": "p"}] * 5
-    assert scores_by_task(components, untagged) == {}
-    mixed = scores_by_task(components, records[:4] + [{"prompt": "p"}])
-    assert mixed["other"] == {"b": 1.0, "a": 2.0, "(none)": 4.0}
+    labels = task_labels(records)
+    assert scores_by_task(components, labels) == {"strict": {"b": 0.5, "a": 0.5}, "other": {"b": 2.0, "a": 2.0}}
+    assert list(scores_by_task(components, labels)["strict"]) == ["b", "a"]  # first-seen order
+    assert task_labels([{"prompt": "p"}] * 5) is None
+    mixed = task_labels(records[:4] + [{"prompt": "p"}])
+    assert scores_by_task(components, mixed)["other"] == {"b": 1.0, "a": 2.0, "(none)": 4.0}
+    # A shard may lack a task that another process has: fixed tasks keep every process's reductions in step.
+    fixed = scores_by_task(components, labels, tasks=["a", "b", "c"], mean=lambda v: int(v.isfinite().sum()))
+    assert fixed["strict"] == {"a": 2, "b": 2, "c": 0}
 
 
 def test_a_held_out_subset_spreads_over_every_task_of_a_task_sorted_file():

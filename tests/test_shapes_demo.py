@@ -27,6 +27,8 @@ def test_shapes_recipe_writes_pictures_weights_and_metrics(demo_run):
         assert (demo_run / name).is_file(), name
     summary = json.loads((demo_run / "metrics.json").read_text())
     assert {"eval/shapes", "eval/shapes_strict"} <= set(summary["final"])
+    by_task = {key.rsplit("/", 1)[1] for key in summary["final"] if key.startswith("eval_task/shapes_strict/")}
+    assert by_task == set(TASKS)  # 8 prompts spread over the task-sorted eval file reach all six tasks
     before, after = summary["evaluations"][0], summary["evaluations"][-1]
     assert after["eval/shapes"] != before["eval/shapes"]  # three updates move the held-out reward
 
