@@ -197,7 +197,8 @@ class SceneStream:
     With ``unmentioned_object_rate`` q > 0, each scene gets, with probability q, one extra object of a random
     shape and colour that its caption does not mention: the incomplete captions of web alt-text, which name the
     subject and leave the rest out. A model trained on them adds unrequested objects to some of its images, a
-    prompt-independent flaw that GenEval-style strict scoring fails and a detector reward can train away.
+    flaw that GenEval-style strict scoring fails and the detector's partial reward penalises (at the demo's
+    budget RL did not remove it; see BENCHMARKS.md).
     """
 
     def __init__(self, seed: int, unmentioned_object_rate: float = 0.0):
