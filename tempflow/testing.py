@@ -112,7 +112,7 @@ def build_t5_tokenizer(
     )
 
 
-def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def seeded_module(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """``build()`` under ``torch.manual_seed(seed)``, leaving the caller's RNG state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -156,12 +156,12 @@ def tiny_t5_config(tokenizer: T5TokenizerFast, d_model: int) -> T5Config:
 
 def _t5_encoder(seed: int, tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
     config = tiny_t5_config(tokenizer, d_model)
-    return _seeded(seed, lambda: T5EncoderModel(config))
+    return seeded_module(seed, lambda: T5EncoderModel(config))
 
 
 def _vae(seed: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
     """4 latent channels, 8x downsampling as in the real models."""
-    return _seeded(
+    return seeded_module(
         seed,
         lambda: AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -185,7 +185,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, with_t5: bool = False) -> StableDiffu
     tokenizer = build_clip_tokenizer()
     tokenizer_3 = build_t5_tokenizer() if with_t5 else None
     return StableDiffusion3Pipeline(
-        transformer=_seeded(
+        transformer=seeded_module(
             seed,
             lambda: SD3Transformer2DModel(
                 sample_size=8,
@@ -203,9 +203,9 @@ def build_tiny_sd3_pipeline(seed: int = 0, with_t5: bool = False) -> StableDiffu
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(seed, scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoder=_seeded(seed, lambda: CLIPTextModelWithProjection(_clip_text_config(tokenizer, 8))),
+        text_encoder=seeded_module(seed, lambda: CLIPTextModelWithProjection(_clip_text_config(tokenizer, 8))),
         tokenizer=tokenizer,
-        text_encoder_2=_seeded(seed, lambda: CLIPTextModelWithProjection(_clip_text_config(tokenizer, 16))),
+        text_encoder_2=seeded_module(seed, lambda: CLIPTextModelWithProjection(_clip_text_config(tokenizer, 16))),
         tokenizer_2=build_clip_tokenizer(),
         text_encoder_3=_t5_encoder(seed, tokenizer_3, d_model=32) if with_t5 else None,
         tokenizer_3=tokenizer_3,
@@ -218,7 +218,7 @@ def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
     return FluxPipeline(
-        transformer=_seeded(
+        transformer=seeded_module(
             seed,
             lambda: FluxTransformer2DModel(
                 patch_size=1,
@@ -242,7 +242,7 @@ def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
             max_image_seq_len=4096,
         ),
         vae=_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=_seeded(seed, lambda: CLIPTextModel(_clip_text_config(tokenizer, 16))),
+        text_encoder=seeded_module(seed, lambda: CLIPTextModel(_clip_text_config(tokenizer, 16))),
         tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(seed, tokenizer_2, d_model=32),
         tokenizer_2=tokenizer_2,

@@ -18,20 +18,14 @@ from tempflow.attention.pruning import (
     remove_token_pruning,
     token_pruning,
 )
-from tempflow.testing import rollout_and_recomputed_log_probs
+from tempflow.testing import rollout_and_recomputed_log_probs, seeded_module
 
 BATCH, TEXT_LEN, IMAGE_TOKENS = 3, 5, 16
 
 
-def _seeded(build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build().eval()
-
-
 def _sd3():
     """Four joint blocks (the last one context-pre-only, as in SD3); 4x4 image tokens."""
-    return _seeded(lambda: SD3Transformer2DModel(
+    return seeded_module(0, lambda: SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,
         pos_embed_max_size=16,
@@ -40,7 +34,7 @@ def _sd3():
 
 def _flux():
     """Two double-stream blocks (indices 0, 1) then two single-stream blocks (2, 3); 4x4 image tokens."""
-    return _seeded(lambda: FluxTransformer2DModel(
+    return seeded_module(0, lambda: FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
     ))

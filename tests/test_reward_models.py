@@ -15,15 +15,10 @@ from tempflow.rewards import available, get_reward, to_pil
 from tempflow.rewards.aesthetic import AestheticHead
 from tempflow.rewards.ocr import levenshtein, quoted_text, text_similarity
 from tempflow.rewards.pickscore import PICKSCORE_NORMALIZER
+from tempflow.testing import seeded_module
 
 BUILTINS = ("pickscore", "clip_score", "hpsv2", "aesthetic", "ocr", "remote")
 PROMPTS = ["a photo of a red circle", "a blue square", "two green triangles", "an empty gray image"]
-
-
-def _seeded(seed, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build().float().eval()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +71,7 @@ def hf_clip(tmp_path_factory):
         ),
         projection_dim=16,
     )
-    model = _seeded(0, lambda: CLIPModel(config))
+    model = seeded_module(0, lambda: CLIPModel(config))
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
@@ -133,7 +128,7 @@ def test_pickscore_scores_each_image_with_its_own_prompt(hf_clip, images):
 
 def test_aesthetic_is_the_mlp_on_normalised_image_embeddings(hf_clip, images, tmp_path):
     directory, model, processor = hf_clip
-    head = _seeded(1, lambda: AestheticHead(embed_dim=16))
+    head = seeded_module(1, lambda: AestheticHead(embed_dim=16))
     torch.save(head.state_dict(), tmp_path / "head.pth")
     save_file(head.state_dict(), str(tmp_path / "head.safetensors"))
 
@@ -179,7 +174,7 @@ def open_clip_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-open-clip")
     (directory / "tempflow-tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
     open_clip.add_model_config(directory / "tempflow-tiny-clip.json")
-    model = _seeded(0, lambda: open_clip.create_model("tempflow-tiny-clip", pretrained=None))
+    model = seeded_module(0, lambda: open_clip.create_model("tempflow-tiny-clip", pretrained=None))
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state_dict, str(directory / "clip.safetensors"))
     torch.save(

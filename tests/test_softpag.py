@@ -24,20 +24,15 @@ from tempflow.attention.softpag import (
 from tempflow.cli import EXIT_BAD_INPUT, main
 from tempflow.policies import FlowPolicy, load_policy
 from tempflow.rollout import RolloutEngine
+from tempflow.testing import seeded_module
 
 BATCH, TEXT_LEN, IMAGE_TOKENS = 2, 5, 16
-
-
-def _seeded(build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build().eval()
 
 
 def _sd3():
     """Three joint blocks (the last context-pre-only); block 0 has SD3.5's second, image-only attention and
     every attention has RMS q/k norms; 4 heads."""
-    return _seeded(lambda: SD3Transformer2DModel(
+    return seeded_module(0, lambda: SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,
         pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
@@ -46,7 +41,7 @@ def _sd3():
 
 def _flux():
     """Two double-stream blocks (0, 1) then two single-stream blocks (2, 3); 2 heads; 4x4 image tokens."""
-    return _seeded(lambda: FluxTransformer2DModel(
+    return seeded_module(0, lambda: FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
     ))
