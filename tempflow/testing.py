@@ -212,27 +212,57 @@ def build_tiny_sd3_pipeline(seed: int = 0, with_t5: bool = False) -> StableDiffu
     )
 
 
+TINY_MMDIT_TEXT_LEN = 5
+"""Text tokens of :func:`tiny_mmdit_inputs`; the image is 4x4 tokens."""
+
+
+def build_tiny_flux_transformer(seed: int = 0, num_layers: int = 2, num_single_layers: int = 2) -> FluxTransformer2DModel:
+    """``num_layers`` double-stream blocks, then ``num_single_layers`` single-stream blocks (by default indices
+    0, 1 and 2, 3); 2 heads of 16; takes :func:`tiny_mmdit_inputs` ``("flux", ...)``."""
+    return seeded_module(
+        seed,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels packed 2x2
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        ),
+    )
+
+
+def tiny_mmdit_inputs(family: str, batch: int, seed: int = 0) -> dict:
+    """Random keyword inputs for a tiny transformer of ``family`` (``"sd3"``: 4x8x8 latents, context width 32,
+    pooled 24; ``"flux"``: 16 packed tokens of 16, context width 32, pooled 16, guidance 3.5), drawn from
+    ``seed``; the text is :data:`TINY_MMDIT_TEXT_LEN` tokens and the image 4x4 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    text_len = TINY_MMDIT_TEXT_LEN
+    sigmas = torch.rand(batch, generator=generator)
+    if family == "sd3":
+        return dict(hidden_states=randn(batch, 4, 8, 8), encoder_hidden_states=randn(batch, text_len, 32),
+                    pooled_projections=randn(batch, 24), timestep=sigmas * 1000)
+    return dict(hidden_states=randn(batch, 16, 16), encoder_hidden_states=randn(batch, text_len, 32),
+                pooled_projections=randn(batch, 16), timestep=sigmas, guidance=torch.full((batch,), 3.5),
+                img_ids=FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32),
+                txt_ids=torch.zeros(text_len, 3))
+
+
 def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     """FLUX.1-dev-like (guidance-distilled) with a CLIP encoder of width 16, a T5 of width 32 and one double- and
     one single-stream block. Pass ``height``/``width``: FLUX's pipeline defaults to 1024x1024."""
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
     return FluxPipeline(
-        transformer=seeded_module(
-            seed,
-            lambda: FluxTransformer2DModel(
-                patch_size=1,
-                in_channels=16,  # 4 latent channels packed 2x2
-                num_layers=1,
-                num_single_layers=1,
-                attention_head_dim=16,
-                num_attention_heads=2,
-                joint_attention_dim=32,
-                pooled_projection_dim=16,
-                guidance_embeds=True,
-                axes_dims_rope=(4, 4, 8),
-            ),
-        ),
+        transformer=build_tiny_flux_transformer(seed, num_layers=1, num_single_layers=1),
         scheduler=FlowMatchEulerDiscreteScheduler(
             shift=3.0,
             use_dynamic_shifting=True,

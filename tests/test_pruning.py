@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from peft import LoraConfig
 
@@ -18,9 +18,15 @@ from tempflow.attention.pruning import (
     remove_token_pruning,
     token_pruning,
 )
-from tempflow.testing import rollout_and_recomputed_log_probs, seeded_module
+from tempflow.testing import (
+    TINY_MMDIT_TEXT_LEN,
+    build_tiny_flux_transformer,
+    rollout_and_recomputed_log_probs,
+    seeded_module,
+    tiny_mmdit_inputs,
+)
 
-BATCH, TEXT_LEN, IMAGE_TOKENS = 3, 5, 16
+BATCH, TEXT_LEN, IMAGE_TOKENS = 3, TINY_MMDIT_TEXT_LEN, 16
 
 
 def _sd3():
@@ -32,31 +38,11 @@ def _sd3():
     ))
 
 
-def _flux():
-    """Two double-stream blocks (indices 0, 1) then two single-stream blocks (2, 3); 4x4 image tokens."""
-    return seeded_module(0, lambda: FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
-    ))
-
-
 def _inputs(family, batch=BATCH, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    sigmas = torch.rand(batch, generator=generator)
-    if family == "sd3":
-        return dict(hidden_states=randn(batch, 4, 8, 8), encoder_hidden_states=randn(batch, TEXT_LEN, 32),
-                    pooled_projections=randn(batch, 24), timestep=sigmas * 1000)
-    return dict(hidden_states=randn(batch, IMAGE_TOKENS, 16), encoder_hidden_states=randn(batch, TEXT_LEN, 32),
-                pooled_projections=randn(batch, 16), timestep=sigmas, guidance=torch.full((batch,), 3.5),
-                img_ids=FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32),
-                txt_ids=torch.zeros(TEXT_LEN, 3))
+    return tiny_mmdit_inputs(family, batch, seed)
 
 
-MODELS = {"sd3": _sd3, "flux": _flux}
+MODELS = {"sd3": _sd3, "flux": build_tiny_flux_transformer}
 
 
 def _run(model, inputs):
@@ -119,7 +105,7 @@ def test_kept_tokens_are_the_largest_updates_and_pruned_tokens_keep_their_state(
 
 
 def test_flux_rope_rows_follow_the_kept_tokens():
-    model, inputs = _flux(), _inputs("flux")
+    model, inputs = build_tiny_flux_transformer(), _inputs("flux")
     txt_ids, img_ids = inputs["txt_ids"], inputs["img_ids"]
     with torch.no_grad(), token_pruning(model, "flux", TokenPruning(layers=(1,), keep_ratio=0.5)) as pruner:
         pruned = _run(model, inputs)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
@@ -24,9 +24,14 @@ from tempflow.attention.softpag import (
 from tempflow.cli import EXIT_BAD_INPUT, main
 from tempflow.policies import FlowPolicy, load_policy
 from tempflow.rollout import RolloutEngine
-from tempflow.testing import seeded_module
+from tempflow.testing import (
+    TINY_MMDIT_TEXT_LEN,
+    build_tiny_flux_transformer,
+    seeded_module,
+    tiny_mmdit_inputs,
+)
 
-BATCH, TEXT_LEN, IMAGE_TOKENS = 2, 5, 16
+BATCH, TEXT_LEN, IMAGE_TOKENS = 2, TINY_MMDIT_TEXT_LEN, 16
 
 
 def _sd3():
@@ -39,31 +44,11 @@ def _sd3():
     ))
 
 
-def _flux():
-    """Two double-stream blocks (0, 1) then two single-stream blocks (2, 3); 2 heads; 4x4 image tokens."""
-    return seeded_module(0, lambda: FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
-    ))
-
-
-MODELS = {"sd3": _sd3, "flux": _flux}
+MODELS = {"sd3": _sd3, "flux": build_tiny_flux_transformer}
 
 
 def _inputs(family):
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    sigmas = torch.rand(BATCH, generator=generator)
-    if family == "sd3":
-        return dict(hidden_states=randn(BATCH, 4, 8, 8), encoder_hidden_states=randn(BATCH, TEXT_LEN, 32),
-                    pooled_projections=randn(BATCH, 24), timestep=sigmas * 1000)
-    return dict(hidden_states=randn(BATCH, IMAGE_TOKENS, 16), encoder_hidden_states=randn(BATCH, TEXT_LEN, 32),
-                pooled_projections=randn(BATCH, 16), timestep=sigmas, guidance=torch.full((BATCH,), 3.5),
-                img_ids=FluxPipeline._prepare_latent_image_ids(BATCH, 4, 4, "cpu", torch.float32),
-                txt_ids=torch.zeros(TEXT_LEN, 3))
+    return tiny_mmdit_inputs(family, BATCH)
 
 
 @torch.no_grad()
@@ -205,7 +190,7 @@ def test_zero_softness_is_the_model_and_processors_come_back(family):
 
 
 def test_processors_come_back_when_the_call_fails():
-    model = _flux()
+    model = build_tiny_flux_transformer()
     processors = _processors(model)
     with pytest.raises(RuntimeError, match="boom"), softpag_attention(model, "flux", SoftPAG(layers=(0, 3))):
         raise RuntimeError("boom")
@@ -214,7 +199,7 @@ def test_processors_come_back_when_the_call_fails():
 
 
 def test_flux_dispatcher_backend_carries_over():
-    model, inputs = _flux(), _inputs("flux")
+    model, inputs = build_tiny_flux_transformer(), _inputs("flux")
     model.set_attention_backend("_native_math")
     before = _run(model, inputs)
     with softpag_attention(model, "flux", SoftPAG(layers=(1, 2), softness=0.0)):
