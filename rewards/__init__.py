@@ -46,9 +46,19 @@ def register_reward(name: str):
     return decorate
 
 
+_BROKEN_BUILTINS: dict[str, str] = {}
+"""Built-in reward modules that failed to import, with the error: one broken module (a missing optional
+dependency, say) must not take the other rewards down with it."""
+
+
 def _load_builtins() -> None:
     for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+        if module in _BROKEN_BUILTINS:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            _BROKEN_BUILTINS[module] = f"{type(err).__name__}: {err}"
 
 
 def available() -> list[str]:
@@ -61,8 +71,8 @@ def _import_path(path: str):
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r} ({err})") from err
+    except Exception as err:  # a missing module, or one that raises while it is imported
+        raise ValueError(f"reward {path!r}: cannot import module {module_name!r} ({type(err).__name__}: {err})") from err
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -76,7 +86,8 @@ def get_reward(name: str, **kwargs) -> RewardFunc:
     else:
         _load_builtins()
         if name not in _REGISTRY:
-            raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
+            broken = "".join(f"; {module} failed to import ({error})" for module, error in _BROKEN_BUILTINS.items())
+            raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}{broken}")
         obj = _REGISTRY[name]
     if isinstance(obj, type):
         return obj(**kwargs)
