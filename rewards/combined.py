@@ -8,11 +8,10 @@ import warnings
 
 import torch
 
+from ..errors import RewardError
 from . import get_reward
 
-
-class RewardError(RuntimeError):
-    """A reward raised, returned the wrong number of scores, or returned a non-finite score."""
+__all__ = ["CombinedReward", "RewardError"]
 
 
 class CombinedReward:

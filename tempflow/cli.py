@@ -18,27 +18,19 @@ import signal
 import sys
 from pathlib import Path
 
+from .errors import NonFiniteTrainingError, RewardError
+
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 EXIT_INTERRUPTED = 128  # + the signal number, as shells report it; a checkpoint was saved first
 
 
-def _parse_config(recipe: str | None, overrides: list[str]):
-    from trl import TrlParser
-
-    from .config import TempFlowGRPOConfig
-
-    if recipe and not Path(recipe).is_file():
-        raise FileNotFoundError(f"recipe {recipe!r} does not exist")
-    args = (["--config", recipe] if recipe else []) + overrides
-    (config,) = TrlParser((TempFlowGRPOConfig,)).parse_args_and_config(args)
-    return config
-
-
 def train(recipe: str | None, overrides: list[str]) -> dict:
+    from .config import parse_config
+
+    config = parse_config(recipe, overrides)  # before the trainer's heavy imports: a bad recipe fails at once
     from .trainer import TempFlowGRPOTrainer
 
-    config = _parse_config(recipe, overrides)
     trainer = TempFlowGRPOTrainer(config)
     summary = trainer.train()
     if not trainer.accelerator.is_main_process:
@@ -213,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         train_parser.print_help()
         return 0
     args, overrides = parser.parse_known_args(argv)
-    from .rewards.combined import RewardError
-    from .trainer import NonFiniteTrainingError
-
     if args.command != "train" and overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:

@@ -8,8 +8,13 @@ of these fields; ``tempflow train RECIPE.yaml --key value`` overrides any of the
 
 from __future__ import annotations
 
+import difflib
 import json
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .attention import ATTENTION_BACKENDS
@@ -250,10 +255,16 @@ class TempFlowGRPOConfig:
     save_steps: int = _help("Checkpoint every n iterations.", default=10)
     save_total_limit: int = _help("Keep at most this many checkpoints.", default=2)
     resume_from_checkpoint: str | None = _help("A checkpoint directory, or `latest` in output_dir.", default=None)
+    overwrite_output_dir: bool = _help(
+        "Start a fresh run in an output_dir that holds another run, deleting that run's checkpoints, metrics, samples "
+        "and weights first. Without it (or resume_from_checkpoint) such an output_dir is refused.",
+        default=False,
+    )
     report_to: str = _help("accelerate tracker: `tensorboard`, `wandb` or `none`.", default="none")
     disable_progress_bar: bool = _help("Hide progress bars.", default=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.reward_kwargs, str):
             try:
                 self.reward_kwargs = json.loads(self.reward_kwargs)
@@ -261,6 +272,23 @@ class TempFlowGRPOConfig:
                 raise ValueError(f"config `reward_kwargs`: not valid JSON ({err.msg})") from None
         self.reward_kwargs = self.reward_kwargs or {}
         self._validate()
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its annotated type: a YAML recipe hands values over unconverted, so
+        `num_generations: 2.5` or `reward_funcs: brightness` would otherwise fail deep inside a run. Integers are
+        accepted for floats (and converted), tuples for lists."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            if not _conforms(value, hints[f.name]):
+                scalar_for_list = _is_list_type(hints[f.name]) and not isinstance(value, list)
+                hint = f": a list of one is written [{value}]" if scalar_for_list else ""
+                raise ValueError(f"config `{f.name}`: must be {_describe(hints[f.name])} (got {value!r}){hint}")
+            if hints[f.name] in (float, float | None) and isinstance(value, int):
+                value = float(value)
+            setattr(self, f.name, value)
 
     def _validate(self) -> None:
         def reject(name: str, why: str) -> None:
@@ -381,3 +409,96 @@ class TempFlowGRPOConfig:
         if unknown:
             raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(item, args[0]) for item in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _is_list_type(hint: Any) -> bool:
+    return typing.get_origin(hint) is list or any(typing.get_origin(arg) is list for arg in typing.get_args(hint))
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+               type(None): "null"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+    return _TYPE_WORDS.get(hint, str(hint))
+
+
+RECIPE_KEYS_OUTSIDE_THE_CONFIG = ("env",)
+"""Top-level recipe keys that are not config fields: TRL's `env` (environment variables to set)."""
+
+
+def parse_config(recipe: str | None = None, overrides: Sequence[str] = ()) -> TempFlowGRPOConfig:
+    """A config from a YAML recipe (``TrlParser``'s ``--config`` format: config fields, plus an optional ``env``
+    mapping) and ``--field value`` overrides, which win. Every problem raises one ``ValueError`` (or
+    ``FileNotFoundError``) naming the recipe, key or option, never argparse's usage text and exit."""
+    from trl import TrlParser
+
+    class Parser(TrlParser):
+        def error(self, message: str):
+            raise ValueError(_config_message(message))
+
+    parser = Parser((TempFlowGRPOConfig,))
+    options = {option for action in parser._actions for option in action.option_strings}  # with --no_X, --a-b
+    args = list(overrides)
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if option.startswith("--") and option not in options:
+            _reject_key(option[2:], "option ", "--")
+    if recipe is not None:
+        _check_recipe(recipe)
+        args = ["--config", recipe, *args]
+    (config,) = parser.parse_args_and_config(args)
+    return config
+
+
+def _check_recipe(recipe: str) -> None:
+    import yaml
+
+    path = Path(recipe)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {recipe!r} does not exist" if not path.exists() else f"recipe {recipe!r} is not a file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f", line {where.line + 1}" if where else ""
+        raise ValueError(f"recipe {recipe!r}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {recipe!r} must be a mapping of config fields to values")
+    for key in values:
+        if key not in TempFlowGRPOConfig.field_names() and key not in RECIPE_KEYS_OUTSIDE_THE_CONFIG:
+            _reject_key(str(key), f"recipe {recipe!r}: key ")
+
+
+def _reject_key(key: str, where: str, prefix: str = "") -> None:
+    close = difflib.get_close_matches(key.replace("-", "_"), TempFlowGRPOConfig.field_names(), n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else " (`tempflow train --help` lists the fields)"
+    raise ValueError(f"{where}{prefix}{key} is not a config field{hint}")
+
+
+def _config_message(argparse_message: str) -> str:
+    """argparse's ``argument --max_steps/--max-steps: invalid int value: 'two'`` → ``config `max_steps`: ...``."""
+    import re
+
+    match = re.match(r"argument --([\w]+)(?:/--[\w-]+)?: (.*)", argparse_message, re.S)
+    return f"config `{match[1]}`: {match[2]}" if match else f"config: {argparse_message}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,28 +26,36 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .advantages import group_advantages
 from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
+from .errors import NonFiniteTrainingError
 from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task, task_labels
 from .loss import clipped_policy_loss, noise_aware_weights
 from .plots import plot_reward_curve, save_before_after_grid, save_image_grid
 from .policies import FlowPolicy, load_policy
 from .prompts import load_prompts, spread_subset
 from .rollout import Rollout, RolloutEngine, Transitions, seeded_generator
+from .run_directory import (
+    CHECKPOINT_PREFIX,
+    TEMPORARY_PREFIX,
+    TRACKER_PROJECT,
+    TRAINER_STATE,
+    check_output_dir,
+    checkpoint_to_resume,
+    prune_checkpoints,
+    remove_previous_run,
+    write_manifest,
+)
 from .sampling import step_kl, stochastic_step
 from .scoring import StreamingScorer
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.json"
+BEFORE_IMAGES = "before.safetensors"  # in samples/: the first evaluation's images, for the before/after grid
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training produced non-finite gradients for too many optimizer steps in a row."""
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -58,13 +67,13 @@ def resolve_model_path(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest *complete* checkpoint (one holding its trainer state) in ``output_dir``."""
-    complete = [
-        path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-        if path.is_dir() and (path / TRAINER_STATE).is_file() and path.name[len(CHECKPOINT_PREFIX):].isdigit()
-    ]
-    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+def _quiet_deepspeed_cpu_notice() -> None:
+    """DeepSpeed, when installed, is imported by accelerate on every run (to recognise its engine) and then logs
+    "Setting accelerator to CPU" on a machine without a GPU, whether or not the run uses DeepSpeed."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
+_quiet_deepspeed_cpu_notice()
 
 
 def _record_deepspeed_ranks_on_cpu() -> None:
@@ -111,6 +120,7 @@ class TempFlowGRPOTrainer:
         from .rewards.combined import CombinedReward
 
         self.config = config
+        check_output_dir(config.output_dir, config.overwrite_output_dir, resuming=bool(config.resume_from_checkpoint))
         self.train_prompts = train_prompts if train_prompts is not None else load_prompts(config.train_prompts)
         if eval_prompts is None and config.eval_prompts not in (None, "", "none"):
             eval_prompts = load_prompts(config.eval_prompts)
@@ -187,11 +197,13 @@ class TempFlowGRPOTrainer:
         self.skipped_steps = 0
         self.consecutive_skipped_steps = 0
         self._stop_signal: int | None = None
-        self._before_images: torch.Tensor | None = None  # for the before/after grid at the end
         if self.accelerator.is_main_process:
+            if config.overwrite_output_dir and not config.resume_from_checkpoint:
+                remove_previous_run(config.output_dir)  # only now that the run is ready to start
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
         if config.report_to != "none":
-            self.accelerator.init_trackers("tempflow", config={k: str(v) for k, v in asdict(config).items()})
+            self.accelerator.init_trackers(TRACKER_PROJECT, config={k: str(v) for k, v in asdict(config).items()})
 
     # --- setup --------------------------------------------------------------------------------------------
     def _setup_trainable(self) -> list[torch.nn.Parameter]:
@@ -476,7 +488,7 @@ class TempFlowGRPOTrainer:
         if self.iteration == 0 and self.eval_prompts:
             self._record_evaluation(self.evaluate("before"))
         bar = tqdm(range(self.iteration, config.max_steps), initial=self.iteration, total=config.max_steps,
-                   desc="training", disable=config.disable_progress_bar or not self.accelerator.is_local_main_process)
+                   desc="training", disable=not self.show_progress)
         with self._checkpoint_on_signals():
             for _ in bar:
                 metrics = self.training_step()
@@ -539,6 +551,10 @@ class TempFlowGRPOTrainer:
         finally:
             self.ema.restore(self.trainable)
 
+    @property
+    def show_progress(self) -> bool:
+        return not self.config.disable_progress_bar and self.accelerator.is_local_main_process
+
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:
         """ODE samples (``eval_num_inference_steps``) of the held-out prompts, scored with the training and
@@ -547,10 +563,12 @@ class TempFlowGRPOTrainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard = self.eval_prompts[rank::world]
         self.policy.transformer.eval()
+        progress = self.show_progress
+        positions = list(range(rank, len(self.eval_prompts), world))  # of the shard's prompts in eval_prompts
         with self._ema_weights(), self.accelerator.autocast():
-            seeds = evaluation_seeds(config.seed, list(range(rank, len(self.eval_prompts), world)))
-            images = sample_images(self.policy, self.engine, shard, seeds, config.eval_num_inference_steps)
-        rewards, components = score_images(self.reward, images, shard)
+            seeds = evaluation_seeds(config.seed, positions)
+            images = sample_images(self.policy, self.engine, shard, seeds, config.eval_num_inference_steps, progress)
+        rewards, components = score_images(self.reward, images, shard, progress)
         if self.eval_reward is not None:
             components.update(score_images(self.eval_reward, images, shard)[1])
         results = {"iteration": self.iteration, "eval/reward": self._global_mean(rewards)}
@@ -562,11 +580,28 @@ class TempFlowGRPOTrainer:
             save_image_grid(images[:16], [r["prompt"] for r in shard[:16]], samples_dir / f"{tag}.png")
             self._log_images(images[:16])
             if tag == "before":
-                self._before_images = images[:8]
-            elif tag == "after" and self._before_images is not None:
-                save_before_after_grid(self._before_images, images[:8], [r["prompt"] for r in shard[:8]],
-                                       samples_dir / "before_after.png")
+                self._save_before_images(images[:8], positions[:8], samples_dir)
+            elif tag == "after":
+                self._save_before_after_grid(images, positions, samples_dir)
         return results
+
+    def _save_before_images(self, images: torch.Tensor, positions: list[int], samples_dir: Path) -> None:
+        """Keep the first evaluation's images on disk, with the positions of their prompts, so that a resumed run
+        (on any number of processes) still pairs them with the last evaluation's."""
+        save_file({"images": (images * 255).round().to(torch.uint8).contiguous(), "positions": torch.tensor(positions)},
+                  samples_dir / BEFORE_IMAGES)
+
+    def _save_before_after_grid(self, images: torch.Tensor, positions: list[int], samples_dir: Path) -> None:
+        if not (samples_dir / BEFORE_IMAGES).is_file():
+            return
+        before = load_file(samples_dir / BEFORE_IMAGES)
+        index = {position: i for i, position in enumerate(positions)}
+        pairs = [(j, index[p]) for j, p in enumerate(before["positions"].tolist()) if p in index]
+        if pairs:
+            before_rows, after_rows = zip(*pairs)
+            captions = [self.eval_prompts[positions[i]]["prompt"] for i in after_rows]
+            save_before_after_grid(before["images"][list(before_rows)].float() / 255, images[list(after_rows)],
+                                   captions, samples_dir / "before_after.png")
 
     def _scores_by_task(self, components: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, float]:
         """``eval_task/{reward}/{task}``: each component's mean over all processes within each task of the
@@ -635,7 +670,7 @@ class TempFlowGRPOTrainer:
             whole = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
         with self._ema_weights(), whole:
             if self.accelerator.is_main_process and self.config.use_lora:
-                self.policy.save_lora(directory, self.policy.lora_state_dict(model))
+                self.policy.save_lora(directory, model)
             elif self.accelerator.is_main_process:
                 model.save_pretrained(Path(directory) / "transformer")
         self.accelerator.wait_for_everyone()
@@ -643,7 +678,7 @@ class TempFlowGRPOTrainer:
     def _save_lora_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
             for model in models:
-                self.policy.save_lora(output_dir, self.policy.lora_state_dict(self.accelerator.unwrap_model(model)))
+                self.policy.save_lora(output_dir, self.accelerator.unwrap_model(model))
         weights.clear()  # accelerate then writes no full copy of the (frozen) transformer
 
     def _load_lora_hook(self, models, input_dir) -> None:
@@ -664,7 +699,7 @@ class TempFlowGRPOTrainer:
         ``save_total_limit``. A crash mid-write leaves only a temporary directory, which resume ignores."""
         output = Path(self.config.output_dir)
         final = output / f"{CHECKPOINT_PREFIX}{self.iteration}"
-        temporary = output / f".tmp-{CHECKPOINT_PREFIX}{self.iteration}"
+        temporary = output / f"{TEMPORARY_PREFIX}{CHECKPOINT_PREFIX}{self.iteration}"
         if self.accelerator.is_main_process and temporary.exists():
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
@@ -675,10 +710,11 @@ class TempFlowGRPOTrainer:
                      "consecutive_skipped_steps": self.consecutive_skipped_steps, "history": self.history,
                      "evaluations": self.evaluations}
             (temporary / TRAINER_STATE).write_text(json.dumps(state))
+            write_manifest(temporary)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)
-            self._prune_checkpoints(output)
+            prune_checkpoints(output, self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -689,23 +725,28 @@ class TempFlowGRPOTrainer:
             return {}
         return {"exclude_frozen_parameters": True} if save else {"load_module_strict": False}
 
-    def _prune_checkpoints(self, output: Path) -> None:
-        complete = sorted(
-            (p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-            key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
-        )
-        for path in complete[: -self.config.save_total_limit]:
-            shutil.rmtree(path)
-
     def _maybe_resume(self) -> None:
         target = self.config.resume_from_checkpoint
         if not target:
             return
-        path = find_latest_checkpoint(self.config.output_dir) if target == "latest" else Path(target)
-        if path is None:
-            return  # `latest` with nothing saved yet: a fresh start
-        if not (path / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete tempflow checkpoint (no {TRAINER_STATE})")
+        chosen = [None, None]  # the checkpoint, or why there is none to resume
+        if self.accelerator.is_main_process:  # verifies (reads every file once) and may set damaged ones aside
+            try:
+                path = checkpoint_to_resume(self.config.output_dir, target)
+                chosen[0] = None if path is None else str(path)
+            except (ValueError, FileNotFoundError) as err:
+                chosen[1] = err
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(chosen)
+        if chosen[1] is not None:
+            raise chosen[1]
+        if chosen[0] is None:
+            warnings.warn(f"resume_from_checkpoint: latest found no checkpoint in {self.config.output_dir}; starting "
+                          "a fresh run", stacklevel=2)
+            return
+        path = Path(chosen[0])
         self.accelerator.load_state(str(path), **self._deepspeed_checkpoint_kwargs(save=False))
         state = json.loads((path / TRAINER_STATE).read_text())
         self.iteration = state["iteration"]

@@ -5,15 +5,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tempflow.cli import _parse_config
-from tempflow.config import TempFlowGRPOConfig
+from tempflow.config import TempFlowGRPOConfig, parse_config
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses(recipe):
-    config = _parse_config(str(recipe), [])
+    config = parse_config(str(recipe), [])
     assert isinstance(config, TempFlowGRPOConfig)
     assert yaml.safe_load(recipe.read_text())["algorithm"] == config.algorithm
 
@@ -21,7 +20,7 @@ def test_every_recipe_parses(recipe):
 def test_cli_overrides_the_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("num_generations: 4\nbeta: 0.02\n")
-    config = _parse_config(str(recipe), ["--beta", "0.5", "--branch_steps", "0", "2"])
+    config = parse_config(str(recipe), ["--beta", "0.5", "--branch_steps", "0", "2"])
     assert (config.num_generations, config.beta, config.branch_steps) == (4, 0.5, [0, 2])
 
 
@@ -52,7 +51,7 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
-        _parse_config(str(recipe), [])
+        parse_config(str(recipe), [])
 
 
 def test_algorithm_switches():
@@ -66,10 +65,10 @@ def test_algorithm_switches():
 def test_reward_kwargs_from_yaml_and_json(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("reward_funcs: [remote]\nreward_kwargs:\n  remote: {url: 'http://127.0.0.1:9'}\n")
-    assert _parse_config(str(recipe), []).reward_kwargs == {"remote": {"url": "http://127.0.0.1:9"}}
-    config = _parse_config(str(recipe), ["--reward_kwargs", '{"remote": {"timeout": 5}}'])
+    assert parse_config(str(recipe), []).reward_kwargs == {"remote": {"url": "http://127.0.0.1:9"}}
+    config = parse_config(str(recipe), ["--reward_kwargs", '{"remote": {"timeout": 5}}'])
     assert config.reward_kwargs == {"remote": {"timeout": 5}}
     with pytest.raises(ValueError, match="`reward_kwargs`: not valid JSON"):
-        _parse_config(str(recipe), ["--reward_kwargs", "{oops"])
+        parse_config(str(recipe), ["--reward_kwargs", "{oops"])
     with pytest.raises(ValueError, match="not used: \\['pickscore'\\]"):
         TempFlowGRPOConfig(reward_funcs=["shapes"], reward_kwargs={"pickscore": {}})

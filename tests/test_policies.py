@@ -81,7 +81,8 @@ def test_prompt_embeddings_are_cached(sd3_policy, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_saved_lora_loads_into_pipeline_and_changes_output(family, tiny_sd3_dir, tiny_flux_dir, tmp_path):
+def test_saved_lora_loads_at_its_trained_strength(family, tiny_sd3_dir, tiny_flux_dir, tmp_path):
+    """r != alpha: a loader that ignored the adapter's alpha would load it at r/alpha of its trained strength."""
     directory = tiny_sd3_dir if family == "sd3" else tiny_flux_dir
     policy = load_policy(directory, resolution=64, max_sequence_length=16)
     trainable = policy.add_lora(r=4, alpha=8)
@@ -92,15 +93,34 @@ def test_saved_lora_loads_into_pipeline_and_changes_output(family, tiny_sd3_dir,
     policy.save_lora(tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent", max_sequence_length=16)
+
+    def generate(pipe):
+        return pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    trained = generate(policy.pipeline)
     pipe_class = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
     pipe = pipe_class.from_pretrained(directory)
-    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent", max_sequence_length=16,
-                  generator=torch.Generator().manual_seed(0))
-    before = pipe("a red square", **kwargs).images
-    pipe.load_lora_weights(tmp_path)
-    kwargs["generator"] = torch.Generator().manual_seed(0)
-    after = pipe("a red square", **kwargs).images
-    assert (after - before).abs().max() > 1e-3
+    base = generate(pipe)
+    pipe.load_lora_weights(tmp_path)  # plain diffusers
+    assert (trained - base).abs().max() > 1e-3
+    torch.testing.assert_close(generate(pipe), trained, atol=1e-5, rtol=1e-5)
+
+    reloaded = load_policy(directory, resolution=64, max_sequence_length=16)
+    reloaded.load_lora(tmp_path)  # what `tempflow eval --lora` and `tempflow sample --lora` do
+    torch.testing.assert_close(generate(reloaded.pipeline), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_without_adapter_config_warns(sd3_policy, tiny_sd3_dir, tmp_path):
+    """Exports of older tempflow versions lack lora_alpha; diffusers then assumes alpha = r."""
+    from safetensors.torch import load_file, save_file
+
+    sd3_policy.add_lora(r=4, alpha=8)
+    sd3_policy.save_lora(tmp_path)
+    weights = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(load_file(weights), weights)  # the same tensors, no metadata
+    with pytest.warns(UserWarning, match="no adapter config"):
+        load_policy(tiny_sd3_dir, resolution=64, max_sequence_length=16).load_lora(tmp_path)
 
 
 def test_reference_disables_lora(sd3_policy):

@@ -16,6 +16,21 @@ def test_builtins_are_registered():
         assert name in names
 
 
+def test_a_broken_builtin_module_leaves_the_other_rewards_working(tmp_path, monkeypatch):
+    """A built-in reward module whose dependency is missing must not take `brightness` down with it."""
+    import tempflow.rewards as registry
+
+    (tmp_path / "broken_builtin_reward.py").write_text("import surely_not_installed_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_BUILTIN_MODULES", ("broken_builtin_reward", *registry._BUILTIN_MODULES))
+    monkeypatch.setattr(registry, "_BROKEN_BUILTINS", {})
+    assert get_reward("brightness")(torch.ones(1, 3, 4, 4), ["p"]) == [1.0]
+    with pytest.raises(ValueError, match="unknown reward 'x'.*broken_builtin_reward failed to import "
+                                         "\\(ModuleNotFoundError: No module named 'surely_not_installed_anywhere'"):
+        get_reward("x")
+    sys.modules.pop("broken_builtin_reward", None)
+
+
 def test_simple_rewards_behave():
     dark, bright = torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32)
     noisy = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

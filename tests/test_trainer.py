@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.rewards.combined import RewardError
-from tempflow.trainer import TempFlowGRPOTrainer, find_latest_checkpoint
+from tempflow.run_directory import find_latest_checkpoint
+from tempflow.trainer import TempFlowGRPOTrainer
 
 PROMPTS = [{"prompt": p} for p in ("a red square", "two blue circles", "a green triangle")]
 

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,7 @@ class FlowPolicy:
         check_model_location(model_name_or_path)
         try:
             pipeline = cls.pipeline_class.from_pretrained(
-                model_name_or_path, torch_dtype=torch_dtype, **cls._absent_components(model_name_or_path)
+                model_name_or_path, **_dtype_argument(torch_dtype), **cls._absent_components(model_name_or_path)
             )
         except OSError as err:
             raise FileNotFoundError(f"cannot load model {model_name_or_path!r}: {err}") from err
@@ -325,19 +326,36 @@ class FlowPolicy:
 
         return get_peft_model_state_dict(model or self.transformer)
 
-    def save_lora(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the adapter as ``pytorch_lora_weights.safetensors`` in the diffusers format, loadable with
-        ``pipeline.load_lora_weights(directory)``; block-sparse gates, when on, go beside it."""
+    def save_lora(self, directory: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+        """Write the adapter of ``model`` (default: the policy's transformer) as ``pytorch_lora_weights.safetensors``
+        in the diffusers format, loadable with ``pipeline.load_lora_weights(directory)``; block-sparse gates, when
+        on, go beside it. The adapter's config travels in the file's metadata: without it diffusers assumes
+        ``lora_alpha = r`` and would load an adapter trained with another alpha at the wrong strength."""
+        model = model or self.transformer
         self.pipeline_class.save_lora_weights(
-            str(directory), transformer_lora_layers=state_dict or self.lora_state_dict(), safe_serialization=True
+            str(directory),
+            transformer_lora_layers=self.lora_state_dict(model),
+            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            safe_serialization=True,
         )
-        gates = self.block_sparse_gates()
+        gates = self.block_sparse_gates(model)
         if gates:
             from safetensors.torch import save_file
 
             save_file({name: g.detach().float().cpu() for name, g in gates.items()}, Path(directory) / GATES_FILE)
 
     def load_lora(self, directory: str | os.PathLike) -> None:
+        """Load an exported adapter (and its block-sparse gates) the way a diffusers user would."""
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+        from safetensors import safe_open
+
+        weights = Path(directory) / LORA_WEIGHT_NAME_SAFE
+        if weights.is_file():
+            with safe_open(str(weights), "pt") as f:
+                if LORA_ADAPTER_METADATA_KEY not in (f.metadata() or {}):
+                    warnings.warn(f"{weights} carries no adapter config (lora_alpha): diffusers loads it with "
+                                  "lora_alpha = r, the trained strength only if it was trained with alpha = r",
+                                  stacklevel=2)
         self.pipeline.load_lora_weights(str(directory))
         self.load_block_sparse_gates(directory)
 
@@ -382,6 +400,14 @@ class FlowPolicy:
             yield self.transformer
         finally:
             self.transformer.enable_adapters()
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    """diffusers 0.40 renamed ``from_pretrained``'s ``torch_dtype`` to ``dtype`` (the old name now warns)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype": dtype}
 
 
 def check_model_location(model_name_or_path: str) -> None:
