@@ -34,7 +34,8 @@ ACCURACY, REWARD = "eval/shapes_strict", "eval/shapes"
 def run(method: str, seed: int, budget: int, eval_every: int, base: dict, output_dir: Path) -> list[dict]:
     """Train one method with one seed until ``budget`` evaluations; returns the evaluation points."""
     values = {**base, **METHODS[method], "seed": seed, "max_steps": 10**9, "save_steps": 10**9,
-              "output_dir": str(output_dir / f"{method}-seed{seed}"), "disable_progress_bar": True}
+              "output_dir": str(output_dir / f"{method}-seed{seed}"), "overwrite_output_dir": True,  # runs start afresh
+              "disable_progress_bar": True}
     trainer = TempFlowGRPOTrainer(TempFlowGRPOConfig(**values))
     points = [{"model_evals": 0, "seconds": 0.0, **trainer.evaluate("start")}]
     used, seconds, next_mark = 0, 0.0, eval_every

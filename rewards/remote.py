@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +25,9 @@ from . import register_reward, to_uint8
 from .combined import RewardError
 
 TOKEN_ENV = "TEMPFLOW_REWARD_TOKEN"
-_RETRY_STATUSES = (502, 503, 504)  # the server is starting, overloaded or behind a failing proxy
+# 408: our upload stalled on the way; 502/503/504: the server is starting, overloaded or behind a bad proxy.
+# Any other 4xx is the request's fault and 500 the reward's: the same request would fail again.
+_RETRY_STATUSES = (408, 502, 503, 504)
 
 
 class RemoteRewardError(RewardError):
@@ -40,22 +43,74 @@ def encode_png(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_png(text: str) -> np.ndarray:
-    """base64 PNG text → ``[H, W, 3]`` uint8; raises ``ValueError`` for anything else."""
+class ImageTooLarge(ValueError):
+    """A PNG whose header declares more pixels than Pillow's decompression-bomb limit allows."""
+
+
+def png_bytes(text: str) -> bytes:
+    """base64 text → bytes; ``ValueError("not valid base64")`` for anything else."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise ValueError("not valid base64") from None
+
+
+def _open_png(data: bytes):
+    """Open PNG bytes lazily: Pillow reads the header only, pixels are decoded on first use."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as image:
-            if image.format != "PNG":
-                raise ValueError(f"got a {image.format} image")
-            return np.asarray(image.convert("RGB"))
+        return Image.open(io.BytesIO(data), formats=["PNG"])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning when an error
+        raise ImageTooLarge(f"larger than Pillow allows ({Image.MAX_IMAGE_PIXELS} pixels)") from err
+    except Image.UnidentifiedImageError:  # its message holds the repr of our BytesIO
+        raise ValueError("not a valid PNG") from None
     except Exception as err:
-        raise ValueError(f"not a base64 PNG image ({err})") from err
+        raise ValueError(f"not a valid PNG ({_reason(err)})") from None
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's header, decoding no pixel; ``ValueError`` (or ``ImageTooLarge``)."""
+    with _open_png(data) as image:
+        return image.size
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    """PNG bytes → ``[H, W, 3]`` uint8; ``ValueError`` naming the problem for anything else."""
+    with _open_png(data) as image:
+        try:
+            return np.asarray(image.convert("RGB"))
+        except MemoryError:
+            raise
+        except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
+            raise ValueError(f"not a valid PNG ({_reason(err)})") from None
+
+
+def decode_png(text: str) -> np.ndarray:
+    """base64 PNG text → ``[H, W, 3]`` uint8; raises ``ValueError`` for anything else."""
+    return png_pixels(png_bytes(text))
+
+
+def limit_pillow_pixels(max_pixels: int) -> None:
+    """Make Pillow's decompression-bomb check refuse images over ``max_pixels`` (it only warns below twice
+    its limit). Process-wide, so for a process that serves rewards, not for a library user."""
+    import warnings
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def _reason(err: Exception) -> str:
+    """An exception's message without object reprs (``<_io.BytesIO object at 0x...>``), on one short line."""
+    text = " ".join(re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(err)).split())
+    return (text or type(err).__name__)[:200]
 
 
 def images_from_uint8(arrays: np.ndarray) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 → ``[B, 3, H, W]`` float32 in [0, 1] (the inverse of :func:`to_uint8`)."""
-    return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float() / 255
+    return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float().div_(255)
 
 
 def _jsonable(value):
@@ -85,7 +140,8 @@ class RemoteReward:
         token (str, optional): shared secret sent as ``Authorization: Bearer``; defaults to the
             ``TEMPFLOW_REWARD_TOKEN`` environment variable (keeps secrets out of recipes).
         timeout (float, default 60): seconds to wait for one batch.
-        retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP 502/503/504.
+        retries (int, default 3): further attempts after an unreachable server, a timeout or HTTP
+            408/502/503/504; not after another 4xx (a bad request) or 500 (the reward failed).
         batch_size (int, default 16): images per request.
         retry_wait (float, default 1): seconds before the first retry, doubling after each.
     """

@@ -6,8 +6,9 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import PROMPTS
+from test_trainer import _config as _trainer_config
 
-from tempflow.config import TempFlowGRPOConfig
 from tempflow.run_directory import (
     MANIFEST,
     check_output_dir,
@@ -18,20 +19,11 @@ from tempflow.run_directory import (
 )
 from tempflow.trainer import TempFlowGRPOTrainer
 
-PROMPTS = [{"prompt": p} for p in ("a red square", "two blue circles", "a green triangle")]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def _config(model_dir, output_dir, **overrides):
-    values = dict(
-        output_dir=str(output_dir), model_name_or_path=model_dir, resolution=64, guidance_scale=1.0,
-        num_inference_steps=3, eval_num_inference_steps=3, num_generations=2, prompts_per_iteration=2,
-        per_device_train_batch_size=4, gradient_accumulation_steps=1, lora_r=4, lora_alpha=8,
-        learning_rate=1e-2, epsilon=0.2, max_steps=3, save_steps=1, reward_funcs=["brightness"],
-        train_prompts="unused", eval_prompts=None, disable_progress_bar=True, max_sequence_length=16,
-    )
-    values.update(overrides)
-    return TempFlowGRPOConfig(**values)
+    return _trainer_config(model_dir, output_dir, **{"max_steps": 3, **overrides})
 
 
 def _train(config, **kwargs):
