@@ -30,6 +30,29 @@ def group_advantages(
     """
     if scale_rewards not in SCALE_CHOICES:
         raise ValueError(f"scale_rewards must be one of {SCALE_CHOICES}, got {scale_rewards!r}")
+    valid, values, inverse, means, stds = _group_statistics(rewards, group_ids)
+    centred = torch.where(valid, values - means[inverse], torch.zeros_like(values))
+    if scale_rewards == "group":
+        advantages = centred / (stds[inverse] + eps)
+    elif scale_rewards == "batch":
+        advantages = centred / (values[valid].std(unbiased=False) + eps) if valid.any() else centred
+    else:
+        advantages = centred
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages
+
+
+def group_spread(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (in ``torch.unique`` order of the ids): the std of its finite rewards, and whether it has any
+    spread at all. A group whose rewards are all equal gets zero advantages: it teaches nothing."""
+    stds = _group_statistics(rewards, group_ids)[-1]
+    return stds, stds > 1e-6
+
+
+def _group_statistics(rewards: torch.Tensor, group_ids: torch.Tensor):
+    """``(valid, values, inverse, means, stds)``: which rewards are finite, the rewards with NaN set to 0, each
+    sample's group index, and each group's mean and population std over its finite rewards."""
     rewards = rewards.float().flatten()
     group_ids = group_ids.flatten()
     if rewards.shape != group_ids.shape:
@@ -38,17 +61,8 @@ def group_advantages(
     values = torch.where(valid, rewards, torch.zeros_like(rewards))
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    counts = torch.zeros(num_groups).index_add_(0, inverse, valid.float())
-    sums = torch.zeros(num_groups).index_add_(0, inverse, values)
-    means = sums / counts.clamp(min=1)
+    counts = torch.zeros(num_groups).index_add_(0, inverse, valid.float()).clamp(min=1)
+    means = torch.zeros(num_groups).index_add_(0, inverse, values) / counts
     centred = torch.where(valid, values - means[inverse], torch.zeros_like(values))
-    if scale_rewards == "group":
-        variances = torch.zeros(num_groups).index_add_(0, inverse, centred**2) / counts.clamp(min=1)
-        advantages = centred / (variances.sqrt()[inverse] + eps)
-    elif scale_rewards == "batch":
-        advantages = centred / (values[valid].std(unbiased=False) + eps) if valid.any() else centred
-    else:
-        advantages = centred
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    return advantages
+    stds = (torch.zeros(num_groups).index_add_(0, inverse, centred**2) / counts).sqrt()
+    return valid, values, inverse, means, stds

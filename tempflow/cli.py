@@ -79,7 +79,14 @@ def evaluate(args) -> dict:
     import dataclasses
     import json
 
-    from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task, task_labels
+    from .evaluation import (
+        best_of_samples,
+        evaluation_seeds,
+        sample_images,
+        score_images,
+        scores_by_task,
+        task_labels,
+    )
     from .plots import save_image_grid
     from .prompts import load_prompts
     from .rewards.combined import CombinedReward
@@ -87,24 +94,37 @@ def evaluate(args) -> dict:
     records = load_prompts(args.prompts)[: args.limit]
     reward = CombinedReward.from_names(args.rewards)
     policy, engine = _load_for_sampling(args)
-    images = sample_images(policy, engine, records, evaluation_seeds(args.seed, list(range(len(records)))),
-                           args.num_steps, progress=True)
-    _, components = score_images(reward, images, records, progress=True)
-    results = {name: float(values.nanmean()) for name, values in components.items()}
+    k, positions = args.samples_per_prompt, list(range(len(records)))
+    seeds = [seed for j in range(k) for seed in evaluation_seeds(args.seed, positions, sample=j)]
+    images = sample_images(policy, engine, records * k, seeds, args.num_steps, progress=True)
+    _, components = score_images(reward, images, records * k, progress=True)
     labels = task_labels(records)
-    per_task = scores_by_task(components, labels) if labels else {}
+    summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),
+               "samples_per_prompt": k, "num_steps": args.num_steps, "guidance_scale": args.guidance_scale,
+               "softpag": policy.softpag and dataclasses.asdict(policy.softpag),
+               "rewards": {name: float(values.nanmean()) for name, values in components.items()},
+               "per_task": scores_by_task(components, labels * k) if labels else {}}
+    if k > 1:  # each prompt's best of its k samples: pass@k for 0/1 rewards
+        best = best_of_samples(components, k)
+        summary["best_of_k"] = {name: float(values.nanmean()) for name, values in best.items()}
+        summary["per_task_best_of_k"] = scores_by_task(best, labels) if labels else {}
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),
-               "num_steps": args.num_steps, "guidance_scale": args.guidance_scale,
-               "softpag": policy.softpag and dataclasses.asdict(policy.softpag), "rewards": results, "per_task": per_task}
     (output / "eval.json").write_text(json.dumps(summary, indent=2))
     save_image_grid(images[:16], [r["prompt"] for r in records[:16]], output / "eval_grid.png")
-    for name, value in results.items():
-        print(f"{name}: {value:.4f}")
-        if per_task:
-            print("  " + ", ".join(f"{task} {score:.3f}" for task, score in per_task[name].items()))
+    _print_scores(summary, k)
     return summary
+
+
+def _print_scores(summary: dict, k: int) -> None:
+    """Each reward's mean (pass@1 for a 0/1 reward) and, with k samples per prompt, the best of k (pass@k);
+    per task beneath when the prompts name tasks."""
+    for name, value in summary["rewards"].items():
+        best = f"   best of {k} (pass@{k}): {summary['best_of_k'][name]:.4f}" if k > 1 else ""
+        print(f"{name}: {value:.4f}{best}")
+        for label, per_task in (("", summary["per_task"]), (f"best of {k}: ", summary.get("per_task_best_of_k"))):
+            if per_task:
+                print(f"  {label}" + ", ".join(f"{task} {score:.3f}" for task, score in per_task[name].items()))
 
 
 def sample(args) -> None:
@@ -146,6 +166,13 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SoftPAG u in [0, 1]: perturbed heads give (1-u)*attention + u*V (default 1: PAG)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _config_help() -> str:
     from trl import TrlParser
 
@@ -179,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--prompts", default="shapes:eval", help="prompt file or shapes:eval (default)")
     eval_parser.add_argument("--rewards", nargs="+", default=["shapes", "shapes_strict"], help="reward names")
     eval_parser.add_argument("--output", default="outputs/eval", help="output directory")
+    eval_parser.add_argument("--samples-per-prompt", type=_positive_int, default=1, metavar="K",
+                             help="independent noise seeds per prompt (default 1); with K > 1 each reward is also "
+                             "reported as the best of K per prompt, which is pass@K for 0/1 rewards")
     sample_parser = commands.add_parser(
         "sample", help="generate images from a model (and LoRA)",
         epilog='example: tempflow sample --prompt "a photo of a red circle" --lora outputs/shapes',

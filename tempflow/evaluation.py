@@ -18,8 +18,11 @@ from .prompts import metadata_columns
 from .rollout import RolloutEngine
 
 
-def evaluation_seeds(seed: int, positions: list[int]) -> list[int]:
-    return [int(np.random.SeedSequence([seed, 7, p]).generate_state(1)[0]) for p in positions]
+def evaluation_seeds(seed: int, positions: list[int], sample: int = 0) -> list[int]:
+    """The noise seed of each prompt position; ``sample`` j > 0 gives the j-th further independent seed of each
+    (sample 0 is the one every evaluation uses)."""
+    key = [] if sample == 0 else [sample]
+    return [int(np.random.SeedSequence([seed, 7, p, *key]).generate_state(1)[0]) for p in positions]
 
 
 SCORING_CHUNK_SIZE = 32
@@ -84,6 +87,30 @@ def scores_by_task(
         for name, values in components.items():
             scores[name][task] = mean(torch.where(in_task.to(values.device), values, torch.full_like(values, math.nan)))
     return scores
+
+
+def worst_per_task(scores: torch.Tensor, labels: list[str], count: int) -> list[int]:
+    """Indices of up to ``count`` samples, the lowest-scoring of each task in turn (tasks in first-seen order,
+    ties in file order, NaN last)."""
+    by_task: dict[str, list[int]] = {}
+    for i in sorted(range(len(labels)), key=lambda i: scores[i].nan_to_num(nan=math.inf).item()):
+        by_task.setdefault(labels[i], []).append(i)
+    order = list(dict.fromkeys(labels))
+    picked = []
+    while len(picked) < min(count, len(labels)):
+        picked += [by_task[task].pop(0) for task in order if by_task[task]][: count - len(picked)]
+    return picked
+
+
+def best_of_samples(components: dict[str, torch.Tensor], samples_per_prompt: int) -> dict[str, torch.Tensor]:
+    """Scores of ``k`` samples per prompt (sample-major: all prompts' first samples, then their second, ...)
+    → each prompt's best score over its samples (NaN left out). For a 0/1 reward its mean is pass@k."""
+    best = {}
+    for name, values in components.items():
+        per_sample = values.reshape(samples_per_prompt, -1)
+        top = per_sample.masked_fill(per_sample.isnan(), -math.inf).amax(0)
+        best[name] = top.masked_fill(top == -math.inf, math.nan)  # no sample of the prompt was scored
+    return best
 
 
 def score_images(

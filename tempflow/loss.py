@@ -35,6 +35,7 @@ def clipped_policy_loss(
         stats = {
             "clip_fraction": (torch.abs(ratio - 1) > epsilon).float().mean(),
             "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
+            "abs_log_ratio": (log_prob - old_log_prob).abs().mean(),
             "ratio_mean": ratio.mean(),
             "ratio_min": ratio.min(),
             "ratio_max": ratio.max(),

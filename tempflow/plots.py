@@ -9,25 +9,33 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def plot_reward_curve(history: list[dict], path: str | Path, evaluations: list[dict] | None = None) -> None:
-    """Training reward (mean and its spread per iteration) and, if given, held-out evaluation metrics."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    steps = [h["iteration"] for h in history]
-    means = [h["reward/mean"] for h in history]
-    stds = [h.get("reward/std", 0.0) for h in history]
-    ax.plot(steps, means, label="train reward (rollouts)", color="tab:blue")
-    ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                    color="tab:blue", alpha=0.15)
+def plot_reward_curve(history: list[dict], path: str | Path, evaluations: list[dict] | None = None,
+                      smoothing: int = 10) -> None:
+    """Left: the held-out evaluations (``eval/*``: the same prompts and noise every time, so a change is the
+    model's); right: the training reward of the rollouts, per iteration and as a ``smoothing``-iteration moving
+    mean (fresh prompts every iteration make the raw curve too noisy to show a trend)."""
+    fig, (held_out, train) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for key in sorted({k for e in evaluations or [] for k in e if k.startswith("eval/")}):
         points = [(e["iteration"], e[key]) for e in evaluations if key in e]
-        ax.plot(*zip(*points), marker="o", label=key)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        held_out.plot(*zip(*points), marker="o", label=key.removeprefix("eval/"))
+    held_out.set_title("held-out evaluation (fixed prompts and seeds)", fontsize=9)
+    steps = [h["iteration"] for h in history]
+    means = [h["reward/mean"] for h in history]
+    train.plot(steps, means, color="tab:blue", alpha=0.3, label="per iteration")
+    if len(means) >= smoothing:
+        window = np.ones(smoothing) / smoothing
+        train.plot(steps[smoothing - 1:], np.convolve(means, window, mode="valid"), color="tab:blue",
+                   label=f"mean of {smoothing}")
+    train.set_title("training reward (rollouts, fresh prompts each iteration)", fontsize=9)
+    for ax in (held_out, train):
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -29,12 +29,19 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .advantages import group_advantages
+from .advantages import group_advantages, group_spread
 from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
 from .errors import NonFiniteTrainingError
-from .evaluation import evaluation_seeds, sample_images, score_images, scores_by_task, task_labels
+from .evaluation import (
+    evaluation_seeds,
+    sample_images,
+    score_images,
+    scores_by_task,
+    task_labels,
+    worst_per_task,
+)
 from .loss import clipped_policy_loss, noise_aware_weights
 from .plots import plot_reward_curve, save_before_after_grid, save_image_grid
 from .policies import FlowPolicy, load_policy
@@ -385,13 +392,14 @@ class TempFlowGRPOTrainer:
         backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         stats_sum: dict[str, float] = {}
         count = optimizer_steps = 0
-        grad_norms = []
+        grad_norms, step_log_ratios = [], []  # |log-ratio| of each optimizer step's rows: how far updates moved
         for epoch in range(config.num_iterations):
             order = torch.randperm(len(rows), generator=seeded_generator(config.seed, self.iteration, 4, epoch))
             micro_batches = order.split(config.per_device_train_batch_size)
             for first in range(0, len(micro_batches), config.gradient_accumulation_steps):
                 group = micro_batches[first : first + config.gradient_accumulation_steps]
                 group_rows = sum(len(mb) for mb in group)
+                step_log_ratio = 0.0
                 for k, index in enumerate(group):
                     sync = k == len(group) - 1
                     self.accelerator.sync_gradients = sync
@@ -401,7 +409,9 @@ class TempFlowGRPOTrainer:
                         self.accelerator.backward(loss * len(index) / group_rows, **backward_kwargs)
                     for key, value in stats.items():
                         stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
+                    step_log_ratio += float(stats["abs_log_ratio"]) * len(index) / group_rows
                     count += 1
+                step_log_ratios.append(step_log_ratio)
                 grad_norm = self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
                 if not torch.isfinite(torch.as_tensor(grad_norm)):
                     if deepspeed and not self.optimizer.step_was_skipped:
@@ -420,6 +430,7 @@ class TempFlowGRPOTrainer:
                 optimizer_steps += 1
         metrics = {f"train/{k}": v / max(count, 1) for k, v in stats_sum.items()}
         metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
+        metrics["train/abs_log_ratio_last_step"] = step_log_ratios[-1] if step_log_ratios else math.nan
         metrics["train/optimizer_steps"] = optimizer_steps
         metrics["train/skipped_steps"] = self.skipped_steps
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
@@ -476,6 +487,23 @@ class TempFlowGRPOTrainer:
         })
         for name, values in components.items():
             metrics[f"reward/{name}"] = self._global_mean(values)
+        metrics.update(self._group_diagnostics(rollout, rewards))
+        return metrics
+
+    def _group_diagnostics(self, rollout: Rollout, rewards: torch.Tensor) -> dict:
+        """How much signal the advantages carry: the share of groups whose rewards are all equal (they teach
+        nothing) and the mean within-group reward std, over all processes; for branched rollouts also the share
+        per branch step (late steps, past where the layout is decided, often have no spread)."""
+        stds, spread = group_spread(rewards, rollout.sample_group)
+        metrics = {"groups/zero_spread_fraction": 1 - self._global_mean(spread.float()),
+                   "groups/reward_std": self._global_mean(stds)}
+        if self.config.branched:
+            _, inverse = torch.unique(rollout.sample_group, return_inverse=True)
+            group_step = torch.zeros(len(stds), dtype=torch.long).index_copy_(0, inverse, rollout.sample_step)
+            for step in self._branch_step_pool():  # every process logs every step, sampled or not (NaN)
+                chosen = spread[group_step == step].float()
+                metrics[f"groups/zero_spread_fraction/step{step}"] = 1 - self._global_mean(
+                    chosen if len(chosen) else torch.tensor([math.nan]))  # NaN: no process branched there
         return metrics
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -580,10 +608,18 @@ class TempFlowGRPOTrainer:
             save_image_grid(images[:16], [r["prompt"] for r in shard[:16]], samples_dir / f"{tag}.png")
             self._log_images(images[:16])
             if tag == "before":
-                self._save_before_images(images[:8], positions[:8], samples_dir)
+                picked = self._before_after_panel(shard, components)
+                self._save_before_images(images[picked], [positions[i] for i in picked], samples_dir)
             elif tag == "after":
                 self._save_before_after_grid(images, positions, samples_dir)
         return results
+
+    def _before_after_panel(self, records: list[dict], components: dict[str, torch.Tensor]) -> list[int]:
+        """The prompts the before/after grid shows: the untrained model's worst (by the last evaluation reward,
+        e.g. ``shapes_strict``, else the first training reward) from each task in turn, so that every task appears
+        and a gain can show (the first prompts of a file are often ones the base already gets right)."""
+        name = self.config.eval_reward_funcs[-1] if self.config.eval_reward_funcs else next(iter(components))
+        return worst_per_task(components[name], task_labels(records) or ["all"] * len(records), count=8)
 
     def _save_before_images(self, images: torch.Tensor, positions: list[int], samples_dir: Path) -> None:
         """Keep the first evaluation's images on disk, with the positions of their prompts, so that a resumed run
@@ -623,11 +659,12 @@ class TempFlowGRPOTrainer:
                 tracker.log_images({"eval/samples": to_pil(images)}, step=self.iteration)
 
     def _global_mean(self, values: torch.Tensor) -> float:
+        """Mean of the finite values over all processes; NaN when there is none (every process must call)."""
         values = values.to(self.accelerator.device)
         finite = torch.isfinite(values)
         totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().float()])
         totals = self.accelerator.reduce(totals, reduction="sum")
-        return float(totals[0] / totals[1].clamp(min=1))
+        return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
 
     def _record_evaluation(self, results: dict) -> None:
         self.evaluations.append(results)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from tempflow.advantages import group_advantages
+from tempflow.advantages import group_advantages, group_spread
 from tempflow.loss import clipped_policy_loss, noise_aware_weights
 
 
@@ -85,3 +85,10 @@ def test_loss_clips_ratio():
     loss.backward()
     assert torch.all(logp.grad == 0)
     assert stats["clip_fraction"].item() == 1.0
+
+
+def test_group_spread_finds_groups_that_teach_nothing():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, float("nan"), 0.5])
+    stds, spread = group_spread(rewards, torch.tensor([0, 0, 1, 1, 2, 2]))
+    torch.testing.assert_close(stds, torch.tensor([0.0, 0.5, 0.0]))
+    assert spread.tolist() == [False, True, False]  # group 2 has one scored sample: no spread

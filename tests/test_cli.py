@@ -41,6 +41,13 @@ def test_train_from_recipe_with_overrides(tiny_sd3_dir, tmp_path):
     assert summary["evaluations"][0]["eval/brightness"] != pytest.approx(result["rewards"]["brightness"], abs=1e-4)
     assert (evaluated / "eval_grid.png").is_file()
 
+    several = tmp_path / "eval-k"
+    assert main(["eval", "--model", tiny_sd3_dir, "--rewards", "brightness", "--prompts", str(prompts), "--seed", "42",
+                 "--num-steps", "2", "--max-sequence-length", "16", "--samples-per-prompt", "3",
+                 "--output", str(several)]) == 0
+    result = json.loads((several / "eval.json").read_text())
+    assert result["samples_per_prompt"] == 3 and result["best_of_k"]["brightness"] > result["rewards"]["brightness"]
+
     samples = tmp_path / "samples"
     assert main(["sample", "--model", tiny_sd3_dir, "--prompt", "a red square", "a blue circle", "--num-steps", "2",
                  "--max-sequence-length", "16", "--output", str(samples)]) == 0

@@ -3,16 +3,19 @@ held-out subsets keep every task."""
 
 from collections import Counter
 
+import pytest
 import torch
 
 from tempflow.evaluation import (
     SCORING_CHUNK_SIZE,
+    best_of_samples,
     evaluation_seeds,
     record_task,
     sample_images,
     score_images,
     scores_by_task,
     task_labels,
+    worst_per_task,
 )
 from tempflow.prompts import load_prompts, spread_subset
 from tempflow.rewards.combined import CombinedReward
@@ -75,3 +78,26 @@ def test_a_held_out_subset_spreads_over_every_task_of_a_task_sorted_file():
     assert positions == sorted(set(positions))  # in file order, no record twice
     assert spread_subset(records, None) == records and spread_subset(records, 500) == records
     assert spread_subset(records, 1) == records[:1]
+
+
+def test_best_of_samples_is_pass_at_k_for_a_0_1_reward():
+    # 3 prompts x 2 samples, sample-major: prompt 0 fails twice, prompt 1 passes once, prompt 2 has one NaN sample
+    strict = torch.tensor([0.0, 1.0, float("nan"), 0.0, 0.0, 1.0])
+    partial = torch.tensor([0.2, 0.9, float("nan"), 0.4, 0.1, float("nan")])
+    best = best_of_samples({"strict": strict, "partial": partial}, samples_per_prompt=2)
+    assert best["strict"].tolist() == [0.0, 1.0, 1.0]
+    assert best["partial"][:2].tolist() == pytest.approx([0.4, 0.9]) and best["partial"][2].isnan()
+
+
+def test_further_samples_get_their_own_seeds_and_sample_0_keeps_the_usual_ones():
+    positions = list(range(5))
+    first, second = evaluation_seeds(3, positions, sample=0), evaluation_seeds(3, positions, sample=1)
+    assert first == evaluation_seeds(3, positions)
+    assert len(set(first) | set(second)) == 10
+
+
+def test_before_after_panel_takes_the_worst_prompt_of_each_task_in_turn():
+    labels = ["a", "a", "a", "b", "b", "c"]
+    scores = torch.tensor([1.0, 0.0, 0.5, float("nan"), 1.0, 0.0])
+    assert worst_per_task(scores, labels, count=4) == [1, 4, 5, 2]
+    assert sorted(worst_per_task(scores, labels, count=10)) == list(range(6))

@@ -86,8 +86,12 @@ def test_training_writes_outputs_and_a_loadable_lora(tiny_sd3_dir, tmp_path, alg
         assert (tmp_path / name).is_file(), name
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert all(h["train/optimizer_steps"] > 0 and math.isfinite(h["train/grad_norm"]) for h in history)
+    for h in history:  # the diagnostics of how much signal each iteration carried and how far it moved
+        assert 0 <= h["groups/zero_spread_fraction"] <= 1 and h["groups/reward_std"] > 0
+        assert h["train/abs_log_ratio_last_step"] > 0  # rows of the 3rd optimizer step, after two updates
     if algorithm == "tempflow_grpo":
         assert history[0]["rollout/model_evals"] == 2 * (4 + 3 * 4 * 3 // 2)
+        assert all(0 <= history[0][f"groups/zero_spread_fraction/step{i}"] <= 1 for i in range(3))
     else:
         assert history[0]["rollout/model_evals"] == 2 * 3 * 4
     events = _tensorboard_events(tmp_path)
