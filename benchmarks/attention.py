@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import FLUX_DEV, timed  # noqa: E402
+from throughput import timed  # noqa: E402
 
 from tempflow.attention.block_sparse import BlockSparse, apply_block_sparse, joint_sparse_attention  # noqa: E402
 from tempflow.attention.pruning import TokenPruning, apply_token_pruning  # noqa: E402
+from tempflow.testing import FLUX_DEV, build_real_size_transformer  # noqa: E402
 
 GPU_SHAPES = {
     "sd35m-1024px": dict(grid=(64, 64), text=333, heads=24, dim=64, tile=(8, 8)),
@@ -126,9 +127,13 @@ def transformer_section(size, keep_ratio, density, kernel, device, dtype, repeat
     """One transformer step, dense vs pruned vs block-sparse (the same random weights and inputs)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    config, grid, text = (FLUX_DEV, 64, 512) if size == "flux-dev" else (TINY_FLUX, 16, 16)
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(**config).to(device, dtype).eval()
+    if size == "flux-dev":
+        config, grid, text = FLUX_DEV, 64, 512
+        model = build_real_size_transformer("flux-dev", device, dtype)
+    else:
+        config, grid, text = TINY_FLUX, 16, 16
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(**config).to(device, dtype).eval()
     tokens = grid * grid
     inputs = dict(
         hidden_states=torch.randn(1, tokens, config["in_channels"], device=device, dtype=dtype),

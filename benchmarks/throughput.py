@@ -15,73 +15,54 @@ Reports, in one run and one process:
   rollouts): ms per latent-evaluation at each swept batch size and the branched rollout, as ratios, plus the
   compile time (first calls beyond a steady call) and the number of graphs compiled.
 
-Random weights at real sizes (`--size sd35m`, `--size flux-dev`; built from configs, nothing downloaded) on a
-GPU, or the tiny test pipeline on the CPU (`--size tiny`, the default: seconds).
+With ``--memory-table`` it measures instead whole training iterations (``TempFlowGRPOTrainer.training_step``:
+branched rollout, decoding, reward, advantages, LoRA updates with the KL term) under the size's recipe
+(``recipes/sd35_pickscore.yaml``, ``recipes/flux_pickscore.yaml``; one prompt per iteration, N and G from the
+flags), with gradient checkpointing and the EMA offload each on and off: peak GPU memory and seconds per iteration.
+
+Random weights at real sizes (`--size sd35m`, `--size flux-dev`; built from configs, nothing downloaded, prompt
+embeddings random, a tiny stand-in VAE) on a GPU, or the tiny test pipeline on the CPU (`--size tiny`, the
+default: seconds). `--cut-layers` keeps a real size's widths with one or two blocks (the GPU suite's CPU dry run).
 
     python benchmarks/throughput.py --size sd35m --device cuda --dtype bf16
+    python benchmarks/throughput.py --size flux-dev --dtype bf16 --memory-table --steps 3 --children 2
     python benchmarks/throughput.py --compile                       # + eager vs compiled (tiny, CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
+import resource
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
+import yaml
 from torch._dynamo.utils import counters
 
-from tempflow.policies import FluxPolicy, PromptEmbeds, SD3Policy
+from tempflow.policies import SD3Policy
 from tempflow.rollout import RolloutEngine, seeded_noise
 from tempflow.sampling import ode_step, sde_step
+from tempflow.testing import build_real_size_policy, build_tiny_sd3_pipeline
 
-SD35M = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
+PROMPT = "benchmark prompt"
+RECIPES = {"sd35m": "sd35_pickscore.yaml", "flux-dev": "flux_pickscore.yaml"}
+RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 
 
-def build_policy(size: str, resolution: int, device: str, dtype: torch.dtype):
-    """A policy whose transformer has the named size (random weights) and whose prompt embeddings are cached
-    random tensors of the right shapes, so no text encoder is needed."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
+def build_policy(size: str, resolution: int, device: str, dtype: torch.dtype, cut: bool = False,
+                 text_tokens: int | None = None):
+    """The tiny test pipeline's policy, or a real size's (random weights; prompt embeddings are cached random
+    tensors of the real shapes, so no text encoder is needed)."""
     if size == "tiny":
-        from tempflow.testing import build_tiny_sd3_pipeline
-
         policy = SD3Policy(build_tiny_sd3_pipeline(0), resolution=resolution, guidance_scale=4.5, max_sequence_length=16)
         return policy.to(device)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    empty = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    if size == "sd35m":
-        transformer = SD3Transformer2DModel(**SD35M)
-        pipeline = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                            text_encoder_3=None, tokenizer_3=None, **empty)
-        policy = SD3Policy(pipeline, resolution=resolution, guidance_scale=4.5)
-        shapes = {"prompt_embeds": (1, 77 + 256, 4096), "pooled_prompt_embeds": (1, 2048)}
-    else:
-        transformer = FluxTransformer2DModel(**FLUX_DEV)
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-        pipeline = FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, **empty)
-        policy = FluxPolicy(pipeline, resolution=resolution, guidance_scale=3.5)
-        shapes = {"prompt_embeds": (1, 512, 4096), "pooled_prompt_embeds": (1, 768)}
-    pipeline.transformer.to(device, dtype)
-    pipeline.vae.to(device)
-    for prompt in ("", "benchmark prompt"):
-        policy._embed_cache[prompt] = PromptEmbeds({k: torch.randn(s, dtype=dtype) for k, s in shapes.items()})
-    return policy
+    return build_real_size_policy(size, resolution, device, dtype, cut=cut, text_tokens=text_tokens, prompts=[PROMPT])
 
 
 def timed(fn, repeats: int, device: str, warm_up: list | None = None) -> float:
@@ -209,12 +190,83 @@ def compiled_vs_eager(policy, embeds, batch_sizes, repeats, device, rollout, bac
     }
 
 
+def synchronized_seconds(fn, device: str) -> float:
+    """Wall time of one call of ``fn``, the accelerator's queued work included."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+def memory_table(args, resolution: int, dtype: torch.dtype) -> list[dict]:
+    """One training iteration per setting of (gradient checkpointing, EMA offload), each with a freshly built model
+    and trainer: its seconds and peak GPU memory (weights included), or why it could not run. On a GPU the first
+    setting runs one uncounted iteration before, so one-time costs (kernel choices, allocator growth) stay out of
+    the rows.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tempflow.config import TempFlowGRPOConfig
+    from tempflow.trainer import TempFlowGRPOTrainer
+
+    recipe = yaml.safe_load((RECIPE_DIR / RECIPES[args.size]).read_text())
+    rows = []
+    for index, (checkpointing, offload) in enumerate(itertools.product((True, False), repeat=2)):
+        row = {"gradient_checkpointing": checkpointing, "ema_offload": offload}
+        with tempfile.TemporaryDirectory() as output_dir:
+            config = TempFlowGRPOConfig.from_dict({
+                **recipe, "output_dir": output_dir, "resolution": resolution,
+                "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no", "num_inference_steps": args.steps,
+                "num_generations": args.children, "prompts_per_iteration": 1, "gradient_checkpointing": checkpointing,
+                "ema_offload": offload, "reward_funcs": ["brightness"], "eval_prompts": None, "report_to": "none",
+                "disable_progress_bar": True,
+            })
+            policy = build_policy(args.size, resolution, args.device, dtype, args.cut_layers, args.text_tokens)
+            trainer = TempFlowGRPOTrainer(config, policy=policy, train_prompts=[{"prompt": PROMPT}])
+            try:
+                for _ in range(2 if index == 0 and args.device.startswith("cuda") else 1):
+                    reset_peak(args.device)
+                    row["seconds"] = synchronized_seconds(trainer.training_step, args.device)
+                row["peak_gb"] = peak_memory_gb(args.device)
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+            del trainer, policy
+            release_memory(args.device)
+            AcceleratorState._reset_state(reset_partial_state=True)  # the next trainer makes its own Accelerator
+            GradientState._reset_state()
+        rows.append(row)
+        print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def write_json(results: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "sd35m", "flux-dev"], default="tiny")
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 sd35m, 1024 flux-dev")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--cut-layers", action="store_true",
+                        help="real sizes: the real widths with one or two blocks (the GPU suite's CPU dry run)")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="real sizes: text tokens of the random prompt embeddings (default 333 sd35m, 512 flux-dev)")
     parser.add_argument("--steps", type=int, default=10, help="N")
     parser.add_argument("--children", type=int, default=6, help="G")
     parser.add_argument("--seeds", type=int, default=2, help="(prompt, seed) main paths per rollout")
@@ -228,14 +280,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--compile-batch-buckets", type=int, nargs="*", default=[],
                         help="static graphs for these batch sizes (default: one graph, dynamic batch)")
-    parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument("--memory-table", action="store_true",
+                        help="measure whole training iterations under the size's recipe instead (real sizes only)")
+    parser.add_argument("--output", help="also write the results as JSON here (the eager results before compiling)")
     args = parser.parse_args(argv)
     resolution = args.resolution or {"tiny": 64, "sd35m": 512, "flux-dev": 1024}[args.size]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.memory_table and args.size == "tiny":
+        parser.error("--memory-table needs a real size (its recipe): --size sd35m or flux-dev")
+    results = {"size": args.size, "resolution": resolution, "device": device_name(args.device), "dtype": args.dtype,
+               "cut_layers": args.cut_layers, "N": args.steps, "G": args.children}
+    if args.memory_table:
+        print(f"{args.size} @ {resolution}px on {results['device']} ({args.dtype}): one training iteration "
+              f"(recipe {RECIPES[args.size]}, 1 prompt, N={args.steps}, G={args.children}) per setting")
+        results["memory_table"] = memory_table(args, resolution, dtype)
+        results["process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        write_json(results, args.output)
+        return results
 
-    policy = build_policy(args.size, resolution, args.device, dtype)
+    policy = build_policy(args.size, resolution, args.device, dtype, args.cut_layers, args.text_tokens)
     policy.transformer.eval()
-    prompts = ["benchmark prompt"] * args.seeds if args.size != "tiny" else ["a red square"] * args.seeds
+    prompts = [PROMPT] * args.seeds if args.size != "tiny" else ["a red square"] * args.seeds
     embeds = policy.encode_prompts(prompts)
     n, g = args.steps, args.children
     evals_per_seed = n + g * n * (n - 1) // 2
@@ -247,9 +312,12 @@ def main(argv=None) -> dict:
 
     engine = RolloutEngine(policy, noise_level=0.7, batch_size=args.rollout_batch_size)
     seeds = list(range(args.seeds))
+
+    def rollout():
+        return engine.branched(embeds, list(range(args.seeds)), seeds, n, list(range(n - 1)), g)
+
     reset_peak(args.device)
-    tempflow_s = timed(lambda: engine.branched(embeds, list(range(args.seeds)), seeds, n, list(range(n - 1)), g),
-                       max(1, args.repeats - 1), args.device)
+    tempflow_s = timed(rollout, max(1, args.repeats - 1), args.device)
     tempflow_peak = peak_memory_gb(args.device)
     reset_peak(args.device)
     reference_s = timed(lambda: reference_rollout(policy, embeds, seeds, n, g, 0.7), max(1, args.repeats - 1),
@@ -259,23 +327,14 @@ def main(argv=None) -> dict:
     policy.add_lora(r=args.lora_rank, alpha=2 * args.lora_rank)
     training = {f"checkpointing_{flag}": training_ratio(policy, embeds, args.train_batch_size, args.device, flag,
                                                         args.repeats) for flag in (False, True)}
-    results = {
-        "size": args.size, "resolution": resolution, "device": str(torch.cuda.get_device_name() if
-                                                                  args.device.startswith("cuda") else "cpu"),
-        "dtype": args.dtype, "N": n, "G": g, "seeds": args.seeds, "evals_per_seed": evals_per_seed,
+    results |= {
+        "seeds": args.seeds, "evals_per_seed": evals_per_seed,
         "floor_ms_per_latent_eval": {b: 1000 * s for b, s in floor.items()}, "floor_best_batch": best_batch,
         "floor_s": floor_s, "tempflow_s": tempflow_s, "tempflow_images_per_s": images / tempflow_s,
         "tempflow_vs_floor": floor_s / tempflow_s, "reference_s": reference_s,
         "speedup_vs_reference": reference_s / tempflow_s, "tempflow_peak_gb": tempflow_peak,
         "reference_peak_gb": reference_peak, "training": training,
     }
-    if args.compile:
-        def rollout():
-            return engine.branched(embeds, list(range(args.seeds)), seeds, n, list(range(n - 1)), g)
-
-        results["compile"] = compiled_vs_eager(policy, embeds, args.floor_batch_sizes, args.repeats, args.device,
-                                               rollout, args.compile_backend, args.compile_mode,
-                                               args.compile_batch_buckets)
     print(f"{args.size} @ {resolution}px on {results['device']} ({args.dtype}), N={n}, G={g}, {args.seeds} seeds, "
           f"{evals_per_seed} evaluations per seed")
     print("floor ms per latent-eval by batch: " + ", ".join(f"B{b} {1000 * s:.2f}" for b, s in floor.items()))
@@ -284,18 +343,19 @@ def main(argv=None) -> dict:
           f"(tempflow {results['speedup_vs_reference']:.2f}x faster)")
     for name, t in training.items():
         print(f"training inner step ({name}): {t['inner_step_s'] * 1000:.1f} ms vs plain fwd+bwd "
-              f"{t['plain_fwd_bwd_s'] * 1000:.1f} ms → {t['ratio']:.2f}x")
+              f"{t['plain_fwd_bwd_s'] * 1000:.1f} ms → {t['ratio']:.2f}x", flush=True)
+    write_json(results, args.output)  # kept if compiling fails or runs out of time
     if args.compile:
-        c = results["compile"]
+        results["compile"] = c = compiled_vs_eager(policy, embeds, args.floor_batch_sizes, args.repeats, args.device,
+                                                   rollout, args.compile_backend, args.compile_mode,
+                                                   args.compile_batch_buckets)
         print(f"compiled ({c['backend']}, {c['mode']}, buckets {c['batch_buckets'] or 'none: dynamic batch'}), "
               f"LoRA r{args.lora_rank} attached, ms per latent-eval eager → compiled: "
               + ", ".join(f"B{b} {c['eager_ms_per_latent_eval'][b]:.2f} → {c['compiled_ms_per_latent_eval'][b]:.2f}"
                           for b in args.floor_batch_sizes))
         print(f"rollout eager {c['eager_rollout_s']:.3f}s → compiled {c['compiled_rollout_s']:.3f}s "
               f"({c['rollout_speedup']:.2f}x) | compile {c['compile_s']:.1f}s, {c['graphs_compiled']} graph(s)")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(results, args.output)
     return results
 
 

@@ -1,6 +1,11 @@
 """Tiny, randomly initialised SD3 and FLUX pipelines built offline from configs, for fast CPU tests: CLIP
 tokenizers use the real BPE vocabulary shipped with open-clip, T5 tokenizers a small word-level Unigram
 vocabulary, and every model is a few layers of width 8–32 whose float32 weights depend only on ``seed``.
+
+Also real-size transformers (SD3.5-Medium, FLUX.1-dev) with random weights, built from their configs (nothing
+downloaded), and policies around them whose prompt embeddings are random tensors of the real shapes (no text
+encoder), for the GPU tests and benchmarks; ``cut=True`` keeps the real widths with one or two blocks, for
+their CPU dry run.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import importlib.util
 import json
 import string
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +39,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from .policies import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy
 
 _CLIP_MERGES = 49152 - 256 - 2  # the merges open-clip's SimpleTokenizer keeps
 _T5_MAX_LENGTH = 512
@@ -159,8 +166,8 @@ def _t5_encoder(seed: int, tokenizer: T5TokenizerFast, d_model: int) -> T5Encode
     return seeded_module(seed, lambda: T5EncoderModel(config))
 
 
-def _vae(seed: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    """4 latent channels, 8x downsampling as in the real models."""
+def _vae(seed: int, scaling_factor: float, shift_factor: float, latent_channels: int = 4) -> AutoencoderKL:
+    """8x downsampling as in the real models, 8 channels in 4 norm groups."""
     return seeded_module(
         seed,
         lambda: AutoencoderKL(
@@ -168,7 +175,7 @@ def _vae(seed: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL
             up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(8, 8, 8, 8),
             layers_per_block=1,
-            latent_channels=4,
+            latent_channels=latent_channels,
             norm_num_groups=4,
             sample_size=64,
             scaling_factor=scaling_factor,
@@ -263,20 +270,19 @@ def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     tokenizer_2 = build_t5_tokenizer()
     return FluxPipeline(
         transformer=build_tiny_flux_transformer(seed, num_layers=1, num_single_layers=1),
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=_flux_scheduler(),
         vae=_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
         text_encoder=seeded_module(seed, lambda: CLIPTextModel(_clip_text_config(tokenizer, 16))),
         tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(seed, tokenizer_2, d_model=32),
         tokenizer_2=tokenizer_2,
     )
+
+
+def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's: the σ shift grows with the image's token count."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
 
 
 def save_tiny_pipeline(pipeline, directory) -> str:
@@ -286,6 +292,100 @@ def save_tiny_pipeline(pipeline, directory) -> str:
     ``from_pretrained(directory, text_encoder_3=None, tokenizer_3=None)``."""
     pipeline.save_pretrained(directory)
     return str(directory)
+
+
+SD35_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+"""stabilityai/stable-diffusion-3.5-medium's transformer (2.24 B parameters): the hub's ``transformer/config.json``.
+diffusers 0.42.1 tells SD3.5-M checkpoints by their 384² = 147456 positions and 9216 = 6·1536-wide adaLN
+(``infer_diffusers_model_type``, ``loaders/single_file_utils.py``) and reads the dual-attention layers and the
+q/k norm off the weights."""
+
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+"""black-forest-labs/FLUX.1-dev's transformer (11.9 B parameters): ``FluxTransformer2DModel``'s defaults in diffusers
+0.42.1 plus the guidance embedding, whose weights are how diffusers tells dev from schnell checkpoints."""
+
+REAL_SIZES = ("sd35m", "flux-dev")
+_TEXT_TOKENS = {"sd35m": 77 + 256, "flux-dev": 512}  # SD3.5: CLIP 77 + T5 256; FLUX: T5 512
+
+
+def real_size_config(size: str, cut: bool = False) -> dict:
+    """The transformer config of ``size`` (``"sd35m"`` or ``"flux-dev"``). ``cut``: real widths with SD3.5-M's
+    first block (dual attention, as blocks 0–12) and last block (context-pre-only), or FLUX's first double and
+    single blocks, and SD3.5-M's position table cut from 384² to 64² positions (384² take 7 s on a CPU)."""
+    if size == "sd35m":
+        cut_to = dict(num_layers=2, dual_attention_layers=(0,), pos_embed_max_size=64)
+        return {**SD35_MEDIUM, **(cut_to if cut else {})}
+    if size == "flux-dev":
+        return {**FLUX_DEV, **(dict(num_layers=1, num_single_layers=1) if cut else {})}
+    raise ValueError(f"unknown real size {size!r}; expected one of {list(REAL_SIZES)}")
+
+
+def build_real_size_transformer(
+    size: str, device="cpu", dtype: torch.dtype = torch.float32, cut: bool = False, seed: int = 0
+) -> SD3Transformer2DModel | FluxTransformer2DModel:
+    """Random weights drawn from ``seed``, made on ``device`` in ``dtype`` directly (FLUX.1-dev made in float32 on
+    the CPU first would take 48 GB and minutes), in eval mode."""
+    model_class = SD3Transformer2DModel if size == "sd35m" else FluxTransformer2DModel
+    config = real_size_config(size, cut)
+    device = torch.device(device)
+    rng_devices = []  # CUDA generators whose state fork_rng restores (the CPU's it always does)
+    if device.type == "cuda":
+        rng_devices.append(device.index if device.index is not None else torch.cuda.current_device())
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=rng_devices), device:
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            model = model_class(**config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    # SD3's position table too, as from_pretrained(dtype=...) casts it; nn.Module's own to(), since diffusers' warns
+    # about modules to keep in float32 even when a model has none
+    return torch.nn.Module.to(model, dtype).eval()
+
+
+def build_real_size_policy(
+    size: str,
+    resolution: int,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    cut: bool = False,
+    text_tokens: int | None = None,
+    prompts: Sequence[str] = (),
+    seed: int = 0,
+) -> FlowPolicy:
+    """A policy around :func:`build_real_size_transformer` and the tiny stand-in VAE (16 latent channels, the real
+    scaling factors) whose prompt embeddings are random tensors of the family's shapes, cached for ``""`` and
+    ``prompts``: no text encoder. ``text_tokens`` replaces the real text length (SD3.5: 333, FLUX: 512). CFG 4.5
+    for SD3.5 and guidance 3.5 for FLUX, as in the recipes."""
+    transformer = build_real_size_transformer(size, device, dtype, cut, seed)
+    no_text = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if size == "sd35m":
+        vae = _vae(seed, scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16)
+        pipeline = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                            vae=vae, text_encoder_3=None, tokenizer_3=None, **no_text)
+        policy = SD3Policy(pipeline, resolution=resolution, guidance_scale=4.5)
+    else:
+        vae = _vae(seed, scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16)
+        pipeline = FluxPipeline(transformer=transformer, scheduler=_flux_scheduler(), vae=vae, **no_text)
+        policy = FluxPolicy(pipeline, resolution=resolution, guidance_scale=3.5)
+    vae.to(device)
+    shapes = {"prompt_embeds": (1, text_tokens or _TEXT_TOKENS[size], transformer.config.joint_attention_dim),
+              "pooled_prompt_embeds": (1, transformer.config.pooled_projection_dim)}
+    generator = torch.Generator().manual_seed(seed)
+    for prompt in ("", *prompts):
+        policy._embed_cache[prompt] = PromptEmbeds(
+            {name: torch.randn(shape, generator=generator).to(dtype) for name, shape in shapes.items()}
+        )
+    return policy
 
 
 @torch.no_grad()
