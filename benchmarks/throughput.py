@@ -67,22 +67,11 @@ def build_policy(size: str, resolution: int, device: str, dtype: torch.dtype, cu
 
 def timed(fn, repeats: int, device: str, warm_up: list | None = None) -> float:
     """Median wall time of ``fn`` in seconds, after one warm-up call (whose time is appended to ``warm_up``)."""
-    start = time.perf_counter()
-    fn()
+    first = synchronized_seconds(fn, device)
     if warm_up is not None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        warm_up.append(time.perf_counter() - start)
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        warm_up.append(first)
+    times = sorted(synchronized_seconds(fn, device) for _ in range(repeats))
+    return times[len(times) // 2]
 
 
 def peak_memory_gb(device: str) -> float | None:
