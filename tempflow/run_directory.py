@@ -75,17 +75,15 @@ def checkpoint_number(path: Path) -> int | None:
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """``checkpoint-N`` directories holding their trainer state, oldest first."""
-    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and checkpoint_number(p) is not None and (p / TRAINER_STATE).is_file()]
+def numbered_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` directories in ``output_dir``, oldest first."""
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_number(p) is not None]
     return sorted(found, key=checkpoint_number)
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest *complete* checkpoint (one holding its trainer state) in ``output_dir``, verified or not."""
-    checkpoints = complete_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The numbered checkpoints that hold their trainer state, oldest first."""
+    return [p for p in numbered_checkpoints(output_dir) if (p / TRAINER_STATE).is_file()]
 
 
 def _sha256(path: Path) -> str:
@@ -174,7 +172,5 @@ def _set_aside(checkpoint: Path) -> Path:
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (by iteration)."""
-    checkpoints = sorted((p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_number(p) is not None),
-                         key=checkpoint_number)
-    for path in checkpoints[:-keep]:
+    for path in numbered_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(path)

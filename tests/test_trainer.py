@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.rewards.combined import RewardError
-from tempflow.run_directory import find_latest_checkpoint
+from tempflow.run_directory import complete_checkpoints
 from tempflow.trainer import TempFlowGRPOTrainer
 
 PROMPTS = [{"prompt": p} for p in ("a red square", "two blue circles", "a green triangle")]
@@ -109,7 +109,7 @@ def test_resume_ends_with_the_same_weights(tiny_sd3_dir, tmp_path):
 
     resumed = tmp_path / "resumed"
     _trainer(_config(tiny_sd3_dir, resumed, max_steps=2, use_ema=True)).train()
-    assert find_latest_checkpoint(resumed).name == "checkpoint-2"
+    assert complete_checkpoints(resumed)[-1].name == "checkpoint-2"
     (resumed / ".tmp-checkpoint-3").mkdir()  # a checkpoint interrupted mid-write is ignored
     summary = _trainer(_config(tiny_sd3_dir, resumed, max_steps=3, use_ema=True, resume_from_checkpoint="latest")).train()
     assert summary["iterations"] == 3 and len(summary["history"]) == 3
