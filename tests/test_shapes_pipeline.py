@@ -1,7 +1,12 @@
 """The shipped ShapesWorld pipeline and the code that builds and pretrains it."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +121,16 @@ def test_continued_pretraining_keeps_the_vae_and_trains_only_the_transformer(tmp
     with pytest.raises(FileNotFoundError, match="not a saved pipeline"):
         pretrain_shapes(tmp_path / "x", transformer_steps=1, progress=False, init_from=tmp_path / "missing")
 
+    # A new patch size trains a new transformer (64 image tokens) on the same VAE and text encoders.
+    pretrain_shapes(tmp_path / "patch2", transformer_steps=1, batch_size=2, progress=False, init_from=tmp_path / "base",
+                    patch_size=2)
+    patch2 = StableDiffusion3Pipeline.from_pretrained(tmp_path / "patch2")
+    assert patch2.transformer.config.patch_size == 2 and base.transformer.config.patch_size == 4
+    for name, weight in base.text_encoder_3.state_dict().items():
+        assert torch.equal(weight, patch2.text_encoder_3.state_dict()[name]), name
+    assert torch.equal(base.vae.state_dict()["decoder.conv_out.weight"], patch2.vae.state_dict()["decoder.conv_out.weight"])
+    assert _generate(patch2, "a photo of two blue squares", num_steps=2).shape == (1, 3, 64, 64)
+
 
 def test_unmentioned_objects_are_drawn_at_their_rate_and_never_past_four():
     clean, noisy = SceneStream(0), SceneStream(0, unmentioned_object_rate=1.0)
@@ -155,3 +170,16 @@ def test_truncation_to_the_pipelines_own_t5_length_is_quiet_but_a_shorter_user_l
     finally:
         for library in libraries:
             library.removeHandler(caplog.handler)
+
+
+def test_gpu_pretraining_script_brings_back_a_patch2_transformer(tmp_path):
+    """benchmarks/gpu_pretrain_shapes.sh, run here on the CPU for two steps: what the GPU machine will send back."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "STEPS": "2",
+           "BATCH": "2", "SNAPSHOT": "1", "EXTRA": "--skip-eval", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["sh", str(root / "benchmarks" / "gpu_pretrain_shapes.sh")], cwd=root, env=env, check=True,
+                   capture_output=True)
+    back = tmp_path / "out" / "transformer"
+    assert sorted(p.name for p in back.iterdir()) == ["STEP", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert (back / "STEP").read_text().strip() == "2"
+    assert json.loads((back / "config.json").read_text())["patch_size"] == 2

@@ -142,11 +142,13 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _transformer() -> SD3Transformer2DModel:
+def _transformer(patch_size: int = PATCH_SIZE) -> SD3Transformer2DModel:
     latent_size = IMAGE_SIZE // 2 ** (len(VAE_CHANNELS) - 1)
+    if latent_size % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the {latent_size}x{latent_size} latent grid")
     return SD3Transformer2DModel(
         sample_size=latent_size,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         num_layers=TRANSFORMER_LAYERS,
@@ -160,8 +162,9 @@ def _transformer() -> SD3Transformer2DModel:
     )
 
 
-def build_shapes_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """The untrained ShapesWorld pipeline: every weight is a pure function of ``seed`` (float32, eval mode)."""
+def build_shapes_pipeline(seed: int = 0, patch_size: int = PATCH_SIZE) -> StableDiffusion3Pipeline:
+    """The untrained ShapesWorld pipeline: every weight is a pure function of ``seed`` (float32, eval mode);
+    ``patch_size`` 2 gives 64 image tokens instead of 16."""
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer(list(VOCABULARY), model_max_length=MAX_SEQUENCE_LENGTH)
     with torch.random.fork_rng(devices=[]):
@@ -171,7 +174,7 @@ def build_shapes_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
             "text_encoder_2": _clip_text_encoder(clip_tokenizer),
             "text_encoder_3": _t5_encoder(t5_tokenizer),
             "vae": _vae(),
-            "transformer": _transformer(),
+            "transformer": _transformer(patch_size),
         }
     for module in modules.values():
         module.float().eval().requires_grad_(False)
@@ -457,20 +460,23 @@ def pretrain_shapes(
     init_from: str | Path | None = None,
     unmentioned_object_rate: float = 0.0,
     transformer_lr: float = TRANSFORMER_LR,
+    patch_size: int | None = None,
 ) -> dict:
     """Build the pipeline from ``seed``, train the VAE then the transformer, set the VAE's latent scaling and
     ``save_pretrained`` the result (EMA transformer weights) to ``output_dir``; returns the measured metrics.
     With ``snapshot_every``, intermediate pipelines are saved beside it as ``<output_dir>-step<N>``.
 
     ``init_from`` continues from a saved pipeline instead: its VAE and text encoders are kept as they are and
-    only the transformer trains, ``transformer_steps`` more steps. ``unmentioned_object_rate`` sets the share
-    of training scenes with an object their caption leaves out (see :class:`SceneStream`).
+    only the transformer trains, ``transformer_steps`` more steps; with a ``patch_size`` other than the saved
+    transformer's, that transformer starts afresh (from ``seed``) at the new patch size on the kept VAE and text
+    encoders. ``unmentioned_object_rate`` sets the share of training scenes with an object their caption leaves
+    out (see :class:`SceneStream`).
     """
     started = time.perf_counter()
     torch.manual_seed(seed)
     metrics = {}
     if init_from is None:
-        pipeline = build_shapes_pipeline(seed).to(device)
+        pipeline = build_shapes_pipeline(seed, patch_size or PATCH_SIZE).to(device)
         metrics.update(train_vae(pipeline.vae, SceneStream(seed + 1), vae_steps, vae_batch_size, device, progress=progress))
         metrics.update(measure_vae(pipeline.vae, seed + 2, vae_eval_scenes, device))
         pipeline.vae.register_to_config(
@@ -479,7 +485,12 @@ def pretrain_shapes(
     else:
         if not Path(init_from, "model_index.json").is_file():
             raise FileNotFoundError(f"init_from {str(init_from)!r} is not a saved pipeline (no model_index.json)")
-        pipeline = StableDiffusion3Pipeline.from_pretrained(init_from).to(device)
+        pipeline = StableDiffusion3Pipeline.from_pretrained(init_from)
+        if patch_size is not None and patch_size != pipeline.transformer.config.patch_size:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                pipeline.transformer = _transformer(patch_size).float().eval().requires_grad_(False)
+        pipeline = pipeline.to(device)
     metrics["vae_seconds"] = time.perf_counter() - started
 
     def save_snapshot(step: int, ema: SD3Transformer2DModel) -> None:
@@ -573,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         help="share of training scenes with one extra object that the caption leaves out (incomplete captions)",
     )
     parser.add_argument("--transformer-lr", type=float, default=TRANSFORMER_LR, help="peak transformer learning rate")
+    parser.add_argument(
+        "--patch-size", type=int, default=None,
+        help=f"latent patch size of the transformer (default {PATCH_SIZE}: 16 image tokens; 2: 64); with --init-from, "
+        "a different size trains a new transformer on the kept VAE and text encoders",
+    )
     parser.add_argument("--skip-eval", action="store_true", help="do not evaluate the saved pipeline")
     args = parser.parse_args(argv)
     metrics = pretrain_shapes(
@@ -587,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         init_from=args.init_from,
         unmentioned_object_rate=args.unmentioned_object_rate,
         transformer_lr=args.transformer_lr,
+        patch_size=args.patch_size,
     )
     if not args.skip_eval:
         metrics["eval"] = evaluate_pipeline(args.output_dir, device=args.device)
