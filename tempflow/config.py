@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from .attention import ATTENTION_BACKENDS
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+"""Learning-rate schedules offered (diffusers' ``get_scheduler`` names, as in TRL's ``lr_scheduler_type``)."""
 """``torch.compile`` modes offered. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) are not: CUDA
 graphs reuse their output memory on the next replay, while rollouts keep velocities across calls and the KL
 reference runs between a training forward and its backward."""
@@ -190,7 +193,27 @@ class TempFlowGRPOConfig:
     adam_epsilon: float = _help("AdamW ε.", default=1e-8)
     weight_decay: float = _help("AdamW weight decay.", default=1e-4)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
-    max_steps: int = _help("Training iterations (each: one rollout batch, rewards, and its updates).", default=100)
+    lr_scheduler_type: str = _help(
+        "Learning-rate schedule over the run's optimizer steps (diffusers' get_scheduler): constant, "
+        "constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial (decay to 0 at the last step). "
+        "Stepped once per applied optimizer step; resumed exactly from a checkpoint.",
+        default="constant",
+    )
+    warmup_steps: int = _help(
+        "Optimizer steps of linear warmup from 0 to learning_rate; when > 0 it wins over warmup_ratio (as in TRL).",
+        default=0,
+    )
+    warmup_ratio: float = _help(
+        "Warmup as a fraction of the run's planned optimizer steps (max_steps × optimizer steps per iteration), "
+        "used when warmup_steps is 0.",
+        default=0.0,
+    )
+    max_steps: int = _help(
+        "Training iterations, each one rollout batch, its rewards and its optimizer steps (num_iterations passes "
+        "of gradient_accumulation_steps micro-batches). Unlike TRL's max_steps, which counts optimizer steps: a run "
+        "takes max_steps × optimizer_steps_per_iteration optimizer steps (several per iteration).",
+        default=100,
+    )
     max_consecutive_skipped_steps: int = _help(
         "Optimizer steps with non-finite gradients are skipped; this many in a row stop the run.", default=10
     )
@@ -314,6 +337,13 @@ class TempFlowGRPOConfig:
         one_of("scale_rewards", ("group", "batch", "none"))
         one_of("reward_error_policy", ("raise", "skip"))
         one_of("lora_init", ("gaussian", "default"))
+        one_of("lr_scheduler_type", LR_SCHEDULER_TYPES)
+        if self.warmup_steps < 0:
+            reject("warmup_steps", "must be non-negative")
+        if not 0 <= self.warmup_ratio < 1:
+            reject("warmup_ratio", "must lie in [0, 1)")
+        if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
+            reject("lr_scheduler_type", "constant takes no warmup; use constant_with_warmup")
         positive(
             "resolution", "num_inference_steps", "eval_num_inference_steps", "num_generations",
             "prompts_per_iteration", "seeds_per_prompt", "rollout_batch_size", "num_iterations",
@@ -397,6 +427,30 @@ class TempFlowGRPOConfig:
     def weighted(self) -> bool:
         """Whether each step's loss is scaled by its noise-aware weight."""
         return self.algorithm == "tempflow_grpo" and self.noise_aware_weighting
+
+    @property
+    def rows_per_iteration(self) -> int:
+        """Training rows (stochastic steps) one process's rollout yields per iteration."""
+        if self.branched:
+            pool = len(self.branch_steps) if self.branch_steps else self.num_inference_steps - 1
+            steps = self.num_branch_steps_per_iteration or pool
+            return self.prompts_per_iteration * self.seeds_per_prompt * steps * self.num_generations
+        trained = self.sde_window_size or self.num_inference_steps - 1
+        return self.prompts_per_iteration * self.num_generations * trained
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps of one iteration: ``num_iterations`` passes over its rows in micro-batches of
+        ``per_device_train_batch_size``, one step per ``gradient_accumulation_steps`` of them."""
+        micro_batches = math.ceil(self.rows_per_iteration / self.per_device_train_batch_size)
+        return self.num_iterations * math.ceil(micro_batches / self.gradient_accumulation_steps)
+
+    @property
+    def num_warmup_steps(self) -> int:
+        """Warmup in optimizer steps: ``warmup_steps`` when set, else ``warmup_ratio`` of the planned steps."""
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * self.max_steps * self.optimizer_steps_per_iteration)
 
     @classmethod
     def field_names(cls) -> set[str]:

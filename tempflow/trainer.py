@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -183,6 +184,10 @@ class TempFlowGRPOTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
+        )
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
+            num_training_steps=config.max_steps * config.optimizer_steps_per_iteration,
         )
         self.model, self.optimizer = self.accelerator.prepare(self.policy.transformer, optimizer)
         self.ema = None
@@ -392,6 +397,7 @@ class TempFlowGRPOTrainer:
         backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         stats_sum: dict[str, float] = {}
         count = optimizer_steps = 0
+        learning_rate = self.optimizer.param_groups[0]["lr"]  # of the last step taken
         grad_norms, step_log_ratios = [], []  # |log-ratio| of each optimizer step's rows: how far updates moved
         for epoch in range(config.num_iterations):
             order = torch.randperm(len(rows), generator=seeded_generator(config.seed, self.iteration, 4, epoch))
@@ -423,7 +429,9 @@ class TempFlowGRPOTrainer:
                     continue
                 self.consecutive_skipped_steps = 0
                 grad_norms.append(float(grad_norm))
+                learning_rate = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
+                self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.step(self._ema_inputs())
@@ -433,7 +441,7 @@ class TempFlowGRPOTrainer:
         metrics["train/abs_log_ratio_last_step"] = step_log_ratios[-1] if step_log_ratios else math.nan
         metrics["train/optimizer_steps"] = optimizer_steps
         metrics["train/skipped_steps"] = self.skipped_steps
-        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["train/learning_rate"] = learning_rate
         if self.accelerator.num_processes > 1 and self.deepspeed_zero_stage != 3:  # ZeRO-3 ranks hold shards
             metrics["train/rank_weight_divergence"] = self._rank_weight_divergence()
         return metrics
@@ -745,7 +753,7 @@ class TempFlowGRPOTrainer:
         if self.accelerator.is_main_process:
             state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
                      "consecutive_skipped_steps": self.consecutive_skipped_steps, "history": self.history,
-                     "evaluations": self.evaluations}
+                     "evaluations": self.evaluations, "lr_scheduler": self.lr_scheduler.state_dict()}
             (temporary / TRAINER_STATE).write_text(json.dumps(state))
             write_manifest(temporary)
             if final.exists():
@@ -791,3 +799,5 @@ class TempFlowGRPOTrainer:
         self.consecutive_skipped_steps = state["consecutive_skipped_steps"]
         self.history = state["history"]
         self.evaluations = state["evaluations"]
+        if "lr_scheduler" in state:  # absent from checkpoints written before schedules existed (constant LR)
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -232,3 +233,32 @@ def test_ema_offload_keeps_the_ema_on_the_cpu_with_the_same_values(tiny_sd3_dir,
         torch.testing.assert_close(shadow, reference, atol=1e-7, rtol=0)
     # an average of the weights' trajectory, not a copy of the current weights
     assert any(not torch.allclose(s, w) for s, w in zip(offloaded.ema.shadow_params, offloaded.trainable))
+
+
+def test_learning_rate_schedule_warms_up_decays_and_resumes_exactly(tiny_sd3_dir, tmp_path):
+    """Cosine with 2 warmup steps over 3 iterations of 3 optimizer steps (18 rows, micro-batches of 6): the rate
+    of each iteration's last step follows the formula, and a run resumed after iteration 2 continues it."""
+    schedule = dict(lr_scheduler_type="cosine", warmup_steps=2, max_steps=3)
+
+    def expected(step, total=9, warmup=2):
+        factor = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return 1e-2 * factor
+
+    config = _config(tiny_sd3_dir, tmp_path / "straight", **schedule)
+    assert config.optimizer_steps_per_iteration == 3 and config.num_warmup_steps == 2
+    straight = _trainer(config).train()["history"]
+    rates = [h["train/learning_rate"] for h in straight]
+    assert rates == pytest.approx([expected(2), expected(5), expected(8)], rel=1e-6)
+
+    interrupted = _trainer(_config(tiny_sd3_dir, tmp_path / "resumed", **schedule))
+    step = interrupted.training_step
+
+    def stop_after_the_second_iteration():
+        if interrupted.iteration == 1:
+            interrupted._stop_signal = signal.SIGTERM  # as the SIGTERM handler records it
+        return step()
+
+    interrupted.training_step = stop_after_the_second_iteration
+    assert interrupted.train()["iterations"] == 2
+    resumed = _trainer(_config(tiny_sd3_dir, tmp_path / "resumed", **schedule, resume_from_checkpoint="latest")).train()
+    assert [h["train/learning_rate"] for h in resumed["history"]] == rates
