@@ -22,6 +22,8 @@ from .attention import ATTENTION_BACKENDS
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+KL_NORMALIZATIONS = ("step_variance", "noise_scale")
+LOSS_MEAN_OVER = ("all_rows", "nonzero_advantage_rows")
 LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 """Learning-rate schedules offered (diffusers' ``get_scheduler`` names, as in TRL's ``lr_scheduler_type``)."""
 """``torch.compile`` modes offered. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) are not: CUDA
@@ -178,9 +180,29 @@ class TempFlowGRPOConfig:
     # --- objective ---
     epsilon: float = _help("Clip range ε of the ratio (tiny on purpose in this field).", default=1e-4)
     beta: float = _help(
-        "KL coefficient to the reference policy (LoRA disabled), using the exact Gaussian step KL "
-        "mean((μ_θ−μ_ref)²)/(2·std²) with std = s·sqrt(−Δ) (TempFlow's convention).",
+        "KL coefficient to the reference policy (LoRA disabled): beta·mean((μ_θ−μ_ref)²)/(2·std²), std as "
+        "kl_normalization says.",
         default=0.0,
+    )
+    kl_normalization: str = _help(
+        "What the KL term divides the squared mean difference by, i.e. what a given beta means. `step_variance`: "
+        "2·std² with the step's noise std = s(σ)·sqrt(−Δ), the exact Gaussian KL (TempFlow-GRPO's code). "
+        "`noise_scale`: 2·s(σ)², without the Δ (Flow-GRPO's code), so the same beta is 1/(−Δ) times weaker there "
+        "(3.7–25× at SD3.5's 10 steps). CPS steps divide by their std either way.",
+        default="step_variance",
+    )
+    cfg_uncond_gradient: bool = _help(
+        "SD3 with CFG: whether the loss's gradient also flows through the unconditional prediction "
+        "(TempFlow-GRPO's code: yes). False detaches it, so only the conditional branch is trained (× the CFG "
+        "scale), as Flow-GRPO does. No effect without CFG (FLUX, guidance_scale 1).",
+        default=True,
+    )
+    loss_mean_over: str = _help(
+        "Which rows the loss averages over. `all_rows`: every training row. `nonzero_advantage_rows`: rows whose "
+        "advantage is zero (their group's rewards are all equal, or their sample went unscored) are dropped before "
+        "micro-batching, as the Flow-GRPO and TempFlow-GRPO codes drop such samples: the remaining rows' loss is "
+        "not diluted, and the iteration may take fewer optimizer steps.",
+        default="all_rows",
     )
     num_iterations: int = _help("Passes (inner epochs) over each rollout batch.", default=1)
     per_device_train_batch_size: int = _help("Training rows (transitions) per micro-batch.", default=8)
@@ -338,6 +360,8 @@ class TempFlowGRPOConfig:
         one_of("reward_error_policy", ("raise", "skip"))
         one_of("lora_init", ("gaussian", "default"))
         one_of("lr_scheduler_type", LR_SCHEDULER_TYPES)
+        one_of("kl_normalization", KL_NORMALIZATIONS)
+        one_of("loss_mean_over", LOSS_MEAN_OVER)
         if self.warmup_steps < 0:
             reject("warmup_steps", "must be non-negative")
         if not 0 <= self.warmup_ratio < 1:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .policies.base import FlowPolicy, PromptEmbeds
-from .sampling import StepOutput, ode_step, stochastic_step
+from .sampling import StepOutput, StochasticStep, ode_step
 
 _INITIAL, _CHILD, _TRAJECTORY = 0, 1, 2  # noise stream tags
 
@@ -54,6 +54,8 @@ class Transitions:
     step_index: torch.Tensor
     advantages: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    """1 for rows the loss mean counts, 0 for rows it leaves out (``loss_mean_over``)."""
 
     def __len__(self) -> int:
         return len(self.log_probs)
@@ -133,8 +135,7 @@ class RolloutEngine:
 
     def __init__(self, policy: FlowPolicy, noise_level: float, sde_type: str = "sde", batch_size: int = 16):
         self.policy = policy
-        self.noise_level = noise_level
-        self.stochastic_step = stochastic_step(sde_type)
+        self.step = StochasticStep(sde_type, noise_level)
         self.batch_size = batch_size
 
     # --- public rollouts -----------------------------------------------------------------------------------
@@ -238,9 +239,8 @@ class RolloutEngine:
             next_latents = ode_step(latents, velocity, sigma, sigma_next).next_latents
             stochastic = [k for k, t in enumerate(batch) if t.kind == "trajectory" and t.position in t.sde_positions]
             if stochastic:
-                out = self.stochastic_step(
+                out = self.step(
                     latents[stochastic], velocity[stochastic], sigma[stochastic], sigma_next[stochastic],
-                    self.noise_level,
                     noise=torch.stack([
                         seeded_noise(tuple(latents.shape[1:]), batch[k].seed, _TRAJECTORY, batch[k].position)
                         for k in stochastic
@@ -281,9 +281,9 @@ class RolloutEngine:
         noise = torch.stack([
             seeded_noise(tuple(latents.shape[1:]), track.seed, _CHILD, track.position, j) for j in range(g)
         ]).to(latents.device)
-        out = self.stochastic_step(
+        out = self.step(
             latents.expand(g, *latents.shape[1:]), velocity.expand(g, *velocity.shape[1:]),
-            torch.full((g,), track.sigma), torch.full((g,), track.sigma_next), self.noise_level, noise=noise,
+            torch.full((g,), track.sigma), torch.full((g,), track.sigma_next), noise=noise,
         )
         child_sigmas = coarsen_schedule(track.sigmas[track.position + 1 :], track.child_num_steps)
         first = (track.trajectory_index * len(track.branch_positions) + track.branch_positions.index(track.position)) * g

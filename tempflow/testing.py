@@ -393,10 +393,10 @@ def rollout_and_recomputed_log_probs(policy, noise_level: float = 0.7) -> tuple[
     """A small branched rollout's stored log-probs and the same steps' log-probs recomputed through
     ``policy.velocity`` (what the trainer's first inner step does): equal when the step is on-policy."""
     from .rollout import RolloutEngine
-    from .sampling import sde_step
 
     embeds = policy.encode_prompts(["a red square"])
-    rows = RolloutEngine(policy, noise_level=noise_level).branched(embeds, [0], [5], 3, [0, 1], 2).transitions
+    engine = RolloutEngine(policy, noise_level=noise_level)
+    rows = engine.branched(embeds, [0], [5], 3, [0, 1], 2).transitions
     velocity = policy.velocity(rows.latents, rows.sigmas, embeds[rows.prompt_index])
-    out = sde_step(rows.latents, velocity, rows.sigmas, rows.sigmas_next, noise_level, next_latents=rows.next_latents)
+    out = engine.step(rows.latents, velocity, rows.sigmas, rows.sigmas_next, next_latents=rows.next_latents)
     return out.log_prob, rows.log_probs

@@ -30,7 +30,7 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .advantages import group_advantages, group_spread
+from .advantages import group_advantages, group_spread, informative_samples
 from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
@@ -59,7 +59,7 @@ from .run_directory import (
     remove_previous_run,
     write_manifest,
 )
-from .sampling import step_kl, stochastic_step
+from .sampling import step_kl
 from .scoring import StreamingScorer
 
 BEFORE_IMAGES = "before.safetensors"  # in samples/: the first evaluation's images, for the before/after grid
@@ -163,6 +163,7 @@ class TempFlowGRPOTrainer:
             )
         self.policy.to(self.accelerator.device)
         self.policy.set_attention_backend(config.attention_backend)
+        self.policy.cfg_uncond_gradient = config.cfg_uncond_gradient
         if config.token_pruning_layers:
             self.policy.set_token_pruning(
                 TokenPruning(tuple(config.token_pruning_layers), config.token_pruning_keep_ratio)
@@ -200,7 +201,7 @@ class TempFlowGRPOTrainer:
             self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
             self.accelerator.register_load_state_pre_hook(self._load_lora_hook)
         self.engine = RolloutEngine(self.policy, config.noise_level, config.sde_type, config.rollout_batch_size)
-        self.step_fn = stochastic_step(config.sde_type)
+        self.step = self.engine.step  # the loss rescores rows with the very step the rollout drew them with
         self.sigmas = self.policy.sigma_schedule(config.num_inference_steps)
         self.step_weights = self._step_weights()
         self.history: list[dict] = []
@@ -361,6 +362,10 @@ class TempFlowGRPOTrainer:
         device = rows.log_probs.device
         rows.advantages = advantages.to(device)[rows.sample_index.to(device)]
         rows.weights = self.step_weights.to(device)[rows.step_index.to(device)]
+        counted = torch.ones(len(rewards))
+        if config.loss_mean_over == "nonzero_advantage_rows":
+            counted = informative_samples(rewards, rollout.sample_group).float()
+        rows.loss_mask = counted.to(device)[rows.sample_index.to(device)]
 
     def compute_loss(self, rows: Transitions, embeds) -> tuple[torch.Tensor, dict]:
         """Clipped GRPO loss of a micro-batch of transitions, with the KL term when ``beta > 0``."""
@@ -369,15 +374,17 @@ class TempFlowGRPOTrainer:
         latents, sigmas, sigmas_next = rows.latents.to(device), rows.sigmas.to(device), rows.sigmas_next.to(device)
         row_embeds = embeds[rows.prompt_index.to(embeds.tensors["prompt_embeds"].device)]
         velocity = self.policy.velocity(latents, sigmas, row_embeds, model=self.model)
-        out = self.step_fn(latents, velocity, sigmas, sigmas_next, config.noise_level, next_latents=rows.next_latents)
-        loss, stats = clipped_policy_loss(out.log_prob, rows.log_probs, rows.advantages, config.epsilon, rows.weights)
+        out = self.step(latents, velocity, sigmas, sigmas_next, next_latents=rows.next_latents)
+        loss, stats = clipped_policy_loss(out.log_prob, rows.log_probs, rows.advantages, config.epsilon,
+                                          rows.weights * rows.loss_mask)
         stats["policy_loss"] = loss.detach()
         if config.beta > 0:
             with torch.no_grad(), self.policy.reference() as reference:
                 reference_velocity = self.policy.velocity(latents, sigmas, row_embeds, model=reference)
-                reference_mean = self.step_fn(latents, reference_velocity, sigmas, sigmas_next, config.noise_level,
-                                              next_latents=rows.next_latents).mean
-            kl = step_kl(out.mean, reference_mean, out.std).mean()
+                reference_mean = self.step(latents, reference_velocity, sigmas, sigmas_next,
+                                           next_latents=rows.next_latents).mean
+            kl_std = self.step.kl_std(out, sigmas, sigmas_next, config.kl_normalization)
+            kl = (step_kl(out.mean, reference_mean, kl_std) * rows.loss_mask).mean()
             loss = loss + config.beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
@@ -405,6 +412,7 @@ class TempFlowGRPOTrainer:
             for first in range(0, len(micro_batches), config.gradient_accumulation_steps):
                 group = micro_batches[first : first + config.gradient_accumulation_steps]
                 group_rows = sum(len(mb) for mb in group)
+                counted_rows = max(float(sum(rows.loss_mask[mb].sum() for mb in group)), 1.0)  # in the loss mean
                 step_log_ratio = 0.0
                 for k, index in enumerate(group):
                     sync = k == len(group) - 1
@@ -412,7 +420,7 @@ class TempFlowGRPOTrainer:
                     with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)), \
                             self.accelerator.autocast():
                         loss, stats = self.compute_loss(rows.select(index), embeds)
-                        self.accelerator.backward(loss * len(index) / group_rows, **backward_kwargs)
+                        self.accelerator.backward(loss * len(index) / counted_rows, **backward_kwargs)
                     for key, value in stats.items():
                         stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
                     step_log_ratio += float(stats["abs_log_ratio"]) * len(index) / group_rows
@@ -530,7 +538,7 @@ class TempFlowGRPOTrainer:
                 metrics = self.training_step()
                 self.history.append(metrics)
                 self.iteration += 1
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['train/approx_kl']:.2e}")
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('train/approx_kl', math.nan):.2e}")
                 if self.iteration % config.logging_steps == 0:
                     self._log(metrics)
                 if self._stop_requested():

@@ -262,3 +262,29 @@ def test_learning_rate_schedule_warms_up_decays_and_resumes_exactly(tiny_sd3_dir
     assert interrupted.train()["iterations"] == 2
     resumed = _trainer(_config(tiny_sd3_dir, tmp_path / "resumed", **schedule, resume_from_checkpoint="latest")).train()
     assert [h["train/learning_rate"] for h in resumed["history"]] == rates
+
+
+@pytest.mark.parametrize("loss_mean_over", ["all_rows", "nonzero_advantage_rows"])
+def test_loss_mean_over_all_rows_or_only_those_with_an_advantage(tiny_sd3_dir, tmp_path, loss_mean_over):
+    """At ratio 1 each row's loss is −A·w: the step's loss is their sum over all 18 rows, or over the 15 rows whose
+    group's rewards differ (the 3 siblings of the first branch point all score 1: zero advantage). Rewards
+    (0, 0, 10) per group with advantages clipped to ±1 keep the sum away from 0."""
+    trainer = _trainer(_config(tiny_sd3_dir, tmp_path, loss_mean_over=loss_mean_over, adv_clip_max=1.0))
+    rollout, embeds = trainer.rollout(trainer._sample_prompts())
+    rewards = torch.tensor([0.0, 0.0, 10.0]).repeat(len(rollout.final_latents) // 3)
+    rewards[rollout.sample_group == rollout.sample_group[0]] = 1.0
+    trainer.compute_advantages(rollout, rewards)
+    rows = rollout.transitions
+    counted = 18 if loss_mean_over == "all_rows" else 15
+    assert len(rows) == 18 and float(rows.loss_mask.sum()) == counted
+    with torch.no_grad():
+        loss, _ = trainer.compute_loss(rows, embeds)  # one micro-batch; optimize scales it by rows / counted rows
+    expected = -(rows.advantages * rows.weights).sum() / counted
+    assert abs(float(expected)) > 0.1
+    assert float(loss) * len(rows) / counted == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_rollout_and_loss_share_one_stochastic_step(tiny_sd3_dir, tmp_path):
+    trainer = _trainer(_config(tiny_sd3_dir, tmp_path, sde_type="cps", noise_level=0.5))
+    assert trainer.step is trainer.engine.step
+    assert (trainer.step.kind, trainer.step.noise_level) == ("cps", 0.5)
