@@ -21,7 +21,6 @@ inside attention from one table shared by the batch; with per-sample token sets 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -321,16 +320,6 @@ def remove_token_pruning(transformer: torch.nn.Module) -> None:
     for module in transformer.modules():
         if isinstance(module, FluxAttention) and isinstance(module.processor, PerSampleRotaryFluxAttnProcessor):
             module.set_processor(_carry_backend(module.processor, FluxAttnProcessor()))
-
-
-@contextlib.contextmanager
-def token_pruning(transformer: torch.nn.Module, family: str, pruning: TokenPruning | None):
-    """``apply_token_pruning`` for the duration of a ``with`` block (e.g. pruned evaluation sampling)."""
-    pruner = apply_token_pruning(transformer, family, pruning)
-    try:
-        yield pruner
-    finally:
-        remove_token_pruning(transformer)
 
 
 def _install_per_sample_rotary(transformer: torch.nn.Module) -> None:

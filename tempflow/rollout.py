@@ -114,13 +114,6 @@ class _Track:
         return self.position == len(self.sigmas) - 1
 
 
-def branch_reward_table(rewards: torch.Tensor, num_branch_steps: int, num_children: int) -> torch.Tensor:
-    """Rewards of a branched rollout as a ``[trajectories·G, branch steps]`` table: column b holds the G
-    children of every trajectory branched at the b-th branch step."""
-    table = rewards.reshape(-1, num_branch_steps, num_children)
-    return table.permute(0, 2, 1).reshape(-1, num_branch_steps)
-
-
 def coarsen_schedule(sigmas: torch.Tensor, max_steps: int | None) -> torch.Tensor:
     """Keep at most ``max_steps`` steps of a schedule, evenly spaced in index, keeping both ends."""
     num_steps = len(sigmas) - 1

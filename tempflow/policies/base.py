@@ -224,13 +224,6 @@ class FlowPolicy:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
 
-    def offload_text_encoders(self, device="cpu") -> None:
-        """Move the text encoders off the accelerator (after the prompts are encoded and cached)."""
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.pipeline, name, None)
-            if module is not None:
-                module.to(device)
-
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         raise NotImplementedError
 
