@@ -36,8 +36,7 @@ from .attention.pruning import TokenPruning
 from .config import TempFlowGRPOConfig
 from .errors import NonFiniteTrainingError
 from .evaluation import (
-    evaluation_seeds,
-    sample_images,
+    sample_prompt_set,
     score_images,
     scores_by_task,
     task_labels,
@@ -610,8 +609,8 @@ class TempFlowGRPOTrainer:
         progress = self.show_progress
         positions = list(range(rank, len(self.eval_prompts), world))  # of the shard's prompts in eval_prompts
         with self._ema_weights(), self.accelerator.autocast():
-            seeds = evaluation_seeds(config.seed, positions)
-            images = sample_images(self.policy, self.engine, shard, seeds, config.eval_num_inference_steps, progress)
+            images = sample_prompt_set(self.policy, self.engine, shard, positions, config.seed,
+                                       config.eval_num_inference_steps, progress=progress)
         rewards, components = score_images(self.reward, images, shard, progress)
         if self.eval_reward is not None:
             components.update(score_images(self.eval_reward, images, shard)[1])
