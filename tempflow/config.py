@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .attention import ATTENTION_BACKENDS
+from .attention import ATTENTION_BACKENDS, BLOCK_SPARSE, TOKEN_PRUNING, check_token_grid_users
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -405,8 +405,11 @@ class TempFlowGRPOConfig:
         if len(self.block_sparse_tile) not in (2, 3) or min(self.block_sparse_tile) < 1:
             reject("block_sparse_tile", "must be 2 (or, for video, 3) positive tile sizes")
         one_of("block_sparse_kernel", ("auto", "triton", "flex", "torch"))
-        if self.block_sparse_density < 1 and self.token_pruning_layers:
-            reject("block_sparse_density", "block-sparse attention and token pruning cannot be combined")
+        grid_users = {TOKEN_PRUNING: bool(self.token_pruning_layers), BLOCK_SPARSE: self.block_sparse_density < 1}
+        try:
+            check_token_grid_users({name for name, on in grid_users.items() if on})
+        except ValueError as err:
+            reject("block_sparse_density", str(err))
         if not 0 <= self.ema_decay < 1:
             reject("ema_decay", "must lie in [0, 1)")
         if self.ema_offload and not self.use_ema:

@@ -39,7 +39,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from tempflow.attention.block_sparse_kernels import block_sparse_attention
-from tempflow.attention.pruning import TokenPruning, mmdit_blocks
+from tempflow.attention.mmdit import mmdit_blocks
+from tempflow.attention.pruning import TokenPruning
 from tempflow.attention.softpag import SoftPAG
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.testing import REAL_SIZES, build_real_size_policy

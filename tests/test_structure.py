@@ -1,0 +1,78 @@
+"""The shape of the code that issue 18 asked for: no import cycles, library code that does not lean on
+``tempflow.testing``, and efficient-attention modules that share one MMDiT module instead of importing each other."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = {"tempflow": ROOT / "tempflow", "tempflow.rewards": ROOT / "rewards", "tempflow.attention": ROOT / "attention"}
+
+
+def _modules() -> dict[str, Path]:
+    """Every library module by its import name (the ShapesWorld package included)."""
+    modules = {}
+    for package, folder in LIBRARY.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[0] in ("rewards", "attention") and folder.name == "tempflow":
+                continue  # not a package of tempflow/: those are the top-level folders
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+def _imported_modules(name: str, path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports anywhere (relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found.add(module)
+            found |= {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_every_module_imports_on_its_own():
+    """Each module first in a fresh set of tempflow modules: an import cycle fails whichever entry point it has."""
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        failures = []
+        for name in {sorted(_modules())!r}:
+            for loaded in [m for m in sys.modules if m == "tempflow" or m.startswith("tempflow.")]:
+                del sys.modules[loaded]
+            try:
+                importlib.import_module(name)
+            except Exception as err:
+                failures.append(f"{{name}}: {{type(err).__name__}}: {{err}}")
+        print("\\n".join(failures))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "", result.stdout
+
+
+def test_no_library_module_imports_the_test_helpers():
+    offenders = [name for name, path in _modules().items()
+                 if name != "tempflow.testing" and "tempflow.testing" in _imported_modules(name, path)]
+    assert offenders == []
+
+
+def test_pruning_and_block_sparse_share_the_mmdit_module_instead_of_each_other():
+    modules = _modules()
+    for name, other in (("pruning", "block_sparse"), ("block_sparse", "pruning")):
+        imported = _imported_modules(f"tempflow.attention.{name}", modules[f"tempflow.attention.{name}"])
+        assert f"tempflow.attention.{other}" not in imported
+        assert "tempflow.attention.mmdit" in imported
+
