@@ -50,11 +50,10 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
 def _load_for_sampling(args):
     from .policies import load_policy
     from .rollout import RolloutEngine
-    from .trainer import resolve_model_path
 
     softpag = _softpag(args)  # checked before the (slow) load; its layers and heads once the model is there
     policy = load_policy(
-        resolve_model_path(args.model),
+        args.model,
         resolution=args.resolution,
         guidance_scale=args.guidance_scale,
         max_sequence_length=args.max_sequence_length,

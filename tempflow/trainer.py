@@ -65,15 +65,6 @@ BEFORE_IMAGES = "before.safetensors"  # in samples/: the first evaluation's imag
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_model_path(model_name_or_path: str) -> str:
-    """``shapes`` names the ShapesWorld pipeline shipped with tempflow; anything else passes through."""
-    if model_name_or_path == "shapes":
-        from .shapes import pipeline_path
-
-        return str(pipeline_path())
-    return model_name_or_path
-
-
 def _quiet_deepspeed_cpu_notice() -> None:
     """DeepSpeed, when installed, is imported by accelerate on every run (to recognise its engine) and then logs
     "Setting accelerator to CPU" on a machine without a GPU, whether or not the run uses DeepSpeed."""
@@ -153,7 +144,7 @@ class TempFlowGRPOTrainer:
         set_seed(config.seed)
         with self._loading_whole_models():
             self.policy = policy or load_policy(
-                resolve_model_path(config.model_name_or_path),
+                config.model_name_or_path,
                 family=config.model_family,
                 torch_dtype=_DTYPES[config.mixed_precision],
                 resolution=config.resolution,

@@ -76,3 +76,22 @@ def test_pruning_and_block_sparse_share_the_mmdit_module_instead_of_each_other()
         assert f"tempflow.attention.{other}" not in imported
         assert "tempflow.attention.mmdit" in imported
 
+
+def test_worlds_plug_in_through_the_registries(tmp_path):
+    from tempflow.prompts import load_prompts
+    from tempflow.registry import register_pipeline, register_prompt_sets, resolve_pipeline
+    from tempflow.shapes import pipeline_path
+
+    @register_prompt_sets("mine")
+    def mine(name):
+        return [{"prompt": f"{name} {i}"} for i in range(2)]
+
+    @register_pipeline("my-pipeline")
+    def my_pipeline():
+        return tmp_path
+
+    assert load_prompts("mine:x") == [{"prompt": "x 0"}, {"prompt": "x 1"}]
+    assert resolve_pipeline("my-pipeline") == str(tmp_path)
+    assert resolve_pipeline("shapes") == str(pipeline_path())  # ShapesWorld registers the same way
+    assert load_prompts("shapes:eval")[0]["spec"]
+    assert resolve_pipeline("owner/model") == "owner/model"
