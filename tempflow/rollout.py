@@ -230,19 +230,7 @@ class RolloutEngine:
             velocity = self.policy.velocity(latents, sigma, embeds[[t.prompt_index for t in batch]])
             num_evals += len(batch)
             next_latents = ode_step(latents, velocity, sigma, sigma_next).next_latents
-            stochastic = [k for k, t in enumerate(batch) if t.kind == "trajectory" and t.position in t.sde_positions]
-            if stochastic:
-                out = self.step(
-                    latents[stochastic], velocity[stochastic], sigma[stochastic], sigma_next[stochastic],
-                    noise=torch.stack([
-                        seeded_noise(tuple(latents.shape[1:]), batch[k].seed, _TRAJECTORY, batch[k].position)
-                        for k in stochastic
-                    ]).to(latents.device),
-                )
-                next_latents[stochastic] = out.next_latents
-                for j, k in enumerate(stochastic):
-                    if batch[k].position in batch[k].trained_positions:
-                        rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index))
+            self._trajectory_sde_steps(batch, latents, velocity, sigma, sigma_next, next_latents, rows)
             finished = []
             for k, track in enumerate(batch):
                 if track.kind == "main" and track.position in track.branch_positions:
@@ -267,6 +255,24 @@ class RolloutEngine:
             sample_step=torch.full((num_samples,), -1, dtype=torch.long),
             num_model_evals=num_evals,
         )
+
+    def _trajectory_sde_steps(self, batch: list[_Track], latents, velocity, sigma, sigma_next, next_latents, rows) -> None:
+        """Replace the ODE step of the batch's trajectory tracks inside their SDE window with the stochastic step
+        (in place in ``next_latents``); trained positions become rows."""
+        stochastic = [k for k, t in enumerate(batch) if t.kind == "trajectory" and t.position in t.sde_positions]
+        if not stochastic:
+            return
+        out = self.step(
+            latents[stochastic], velocity[stochastic], sigma[stochastic], sigma_next[stochastic],
+            noise=torch.stack([
+                seeded_noise(tuple(latents.shape[1:]), batch[k].seed, _TRAJECTORY, batch[k].position)
+                for k in stochastic
+            ]).to(latents.device),
+        )
+        next_latents[stochastic] = out.next_latents
+        for j, k in enumerate(stochastic):
+            if batch[k].position in batch[k].trained_positions:
+                rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index))
 
     def _spawn_children(self, track: _Track, latents, velocity, rows) -> list[_Track]:
         """G SDE children of a main track at its current step, sharing the main path's velocity (and mean)."""

@@ -95,3 +95,20 @@ def test_worlds_plug_in_through_the_registries(tmp_path):
     assert resolve_pipeline("shapes") == str(pipeline_path())  # ShapesWorld registers the same way
     assert load_prompts("shapes:eval")[0]["spec"]
     assert resolve_pipeline("owner/model") == "owner/model"
+
+
+TRAINING_PATH = ("trainer", "trainer_setup", "trainer_rollout", "trainer_optimize", "trainer_evaluate",
+                 "trainer_checkpoints", "rollout", "sampling", "loss", "advantages", "scoring", "evaluation")
+
+
+def test_the_trainer_is_small_and_its_functions_short():
+    assert len((ROOT / "tempflow" / "trainer.py").read_text().splitlines()) <= 350
+    long = []
+    for name in TRAINING_PATH:
+        path = ROOT / "tempflow" / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - first + 1 > 50:
+                    long.append(f"{name}.{node.name}: {node.end_lineno - first + 1} lines")
+    assert long == []
