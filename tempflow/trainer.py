@@ -102,12 +102,12 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, EvaluateMixin
         self.policy.transformer.eval()
         scorer = StreamingScorer(self.policy, self.reward, prompts, self.policy.decode_batch_size)
         with self.accelerator.autocast():  # the same precision as the log-prob recomputation, or ratio ≠ 1
-            rollout, embeds = self.rollout(prompts, on_finished=scorer.add)
+            rollout = self.rollout(prompts, on_finished=scorer.add)
         rewards, components = scorer.results(len(rollout.final_latents))
         self.compute_advantages(rollout, rewards)
         rollout_time = time.perf_counter() - start
         self.policy.transformer.train()
-        metrics = self.optimize(rollout, embeds)
+        metrics = self.optimize(rollout)
         gathered = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         valid = gathered[torch.isfinite(gathered)]
         metrics.update({

@@ -14,8 +14,8 @@ import torch
 
 from .errors import NonFiniteTrainingError
 from .loss import clipped_policy_loss
-from .rollout import Rollout, Transitions, seeded_generator
-from .sampling import step_kl
+from .rollout import RolloutBatch, Transitions, seeded_generator
+from .sampling import StepOutput, step_kl
 
 
 @dataclass
@@ -40,34 +40,36 @@ class StepTally:
 class OptimizeMixin:
     """Loss and optimizer steps, for :class:`~tempflow.trainer.TempFlowGRPOTrainer`."""
 
+    def rescore(self, rows: Transitions, embeds, model: torch.nn.Module) -> StepOutput:
+        """The rows' stochastic steps under ``model``'s velocity: the step the rollout drew them with, applied to
+        their recorded next latents (log-probs and means to compare with the rollout's or the reference's)."""
+        device = self.accelerator.device
+        latents, sigmas = rows.latents.to(device), rows.sigmas.to(device)
+        row_embeds = embeds[rows.prompt_index.to(embeds.tensors["prompt_embeds"].device)]
+        velocity = self.policy.velocity(latents, sigmas, row_embeds, model=model)
+        return self.step(latents, velocity, sigmas, rows.sigmas_next.to(device), next_latents=rows.next_latents)
+
     def compute_loss(self, rows: Transitions, embeds) -> tuple[torch.Tensor, dict]:
         """Clipped GRPO loss of a micro-batch of transitions, with the KL term when ``beta > 0``."""
         config = self.config
-        device = self.accelerator.device
-        latents, sigmas, sigmas_next = rows.latents.to(device), rows.sigmas.to(device), rows.sigmas_next.to(device)
-        row_embeds = embeds[rows.prompt_index.to(embeds.tensors["prompt_embeds"].device)]
-        velocity = self.policy.velocity(latents, sigmas, row_embeds, model=self.model)
-        out = self.step(latents, velocity, sigmas, sigmas_next, next_latents=rows.next_latents)
+        out = self.rescore(rows, embeds, self.model)
         loss, stats = clipped_policy_loss(out.log_prob, rows.log_probs, rows.advantages, config.epsilon,
                                           rows.weights * rows.loss_mask)
         stats["policy_loss"] = loss.detach()
         if config.beta > 0:
-            with torch.no_grad(), self.policy.reference() as reference:
-                reference_velocity = self.policy.velocity(latents, sigmas, row_embeds, model=reference)
-                reference_mean = self.step(latents, reference_velocity, sigmas, sigmas_next,
-                                           next_latents=rows.next_latents).mean
-            kl_std = self.step.kl_std(out, sigmas, sigmas_next, config.kl_normalization)
-            kl = (step_kl(out.mean, reference_mean, kl_std) * rows.loss_mask).mean()
+            device = self.accelerator.device
+            kl_std = self.step.kl_std(out, rows.sigmas.to(device), rows.sigmas_next.to(device), config.kl_normalization)
+            kl = (step_kl(out.mean, rows.reference_mean.to(device), kl_std) * rows.loss_mask).mean()
             loss = loss + config.beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
 
-    def optimize(self, rollout: Rollout, embeds) -> dict:
-        """``num_iterations`` passes over the rollout's transitions in micro-batches; one optimizer step per
+    def optimize(self, batch: RolloutBatch) -> dict:
+        """``num_iterations`` passes over the rollout's rows in micro-batches; one optimizer step per
         ``gradient_accumulation_steps`` micro-batches (each step's gradient is the mean over its rows; the last
         step of a pass may have fewer micro-batches)."""
         config = self.config
-        rows = rollout.transitions
+        rows, embeds = batch.transitions, batch.embeds
         tally = StepTally(learning_rate=self.optimizer.param_groups[0]["lr"])
         for epoch in range(config.num_iterations):
             order = torch.randperm(len(rows), generator=seeded_generator(config.seed, self.iteration, 4, epoch))

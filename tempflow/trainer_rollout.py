@@ -10,7 +10,7 @@ import torch
 
 from .advantages import group_advantages, group_spread, informative_samples
 from .loss import noise_aware_weights
-from .rollout import Rollout
+from .rollout import RolloutBatch
 
 
 class RolloutMixin:
@@ -42,9 +42,10 @@ class RolloutMixin:
         return int(np.random.SeedSequence([self.config.seed, self.iteration, self.accelerator.process_index, *key])
                    .generate_state(1)[0])
 
-    def rollout(self, prompts: list[dict], on_finished=None) -> tuple[Rollout, object]:
-        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO) or full trajectories.
-        ``on_finished`` receives samples as they finish (see :class:`~tempflow.rollout.RolloutEngine`)."""
+    def rollout(self, prompts: list[dict], on_finished=None) -> RolloutBatch:
+        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO) or full trajectories, with the
+        reference policy's step means when the loss has a KL term. ``on_finished`` receives samples as they
+        finish (see :class:`~tempflow.rollout.RolloutEngine`)."""
         config = self.config
         embeds = self.policy.encode_prompts([r["prompt"] for r in prompts])
         if config.branched:
@@ -55,26 +56,42 @@ class RolloutMixin:
             if config.num_branch_steps_per_iteration:
                 rng = self._iteration_rng(2)
                 steps = sorted(rng.choice(steps, size=config.num_branch_steps_per_iteration, replace=False).tolist())
-            rollout = self.engine.branched(
+            batch = self.engine.branched(
                 embeds, prompt_index, seeds, config.num_inference_steps, steps, config.num_generations,
-                config.child_num_inference_steps, on_finished=on_finished,
+                config.child_num_inference_steps, on_finished=on_finished, group_by=config.advantage_group,
             )
-            if config.advantage_group == "prompt":  # siblings of all seeds of a prompt, per branch step
-                trajectory = rollout.sample_group // len(steps)
-                rollout.sample_group = (trajectory // k) * len(steps) + rollout.sample_group % len(steps)
-            return rollout, embeds
+        else:
+            batch = self._trajectories(embeds, len(prompts), on_finished)
+        if config.beta > 0:
+            self._reference_means(batch)
+        return batch
+
+    def _trajectories(self, embeds, num_prompts: int, on_finished) -> RolloutBatch:
+        """Flow-GRPO: G SDE trajectories per prompt (in a window drawn per iteration when windowed), grouped by
+        prompt."""
+        config = self.config
         g = config.num_generations
-        prompt_index = [p for p in range(len(prompts)) for _ in range(g)]
-        seeds = [self._trajectory_seed(p, j) for p in range(len(prompts)) for j in range(g)]
+        prompt_index = [p for p in range(num_prompts) for _ in range(g)]
+        seeds = [self._trajectory_seed(p, j) for p in range(num_prompts) for j in range(g)]
         window = None
         if config.sde_window_size:
             first, last = config.sde_window_range or (0, config.num_inference_steps - 1 - config.sde_window_size)
             window = (int(self._iteration_rng(3).integers(first, last + 1)), config.sde_window_size)
-        rollout = self.engine.trajectories(embeds, prompt_index, seeds, prompt_index, config.num_inference_steps, window,
-                                           on_finished=on_finished)
-        return rollout, embeds
+        return self.engine.trajectories(embeds, prompt_index, seeds, prompt_index, config.num_inference_steps, window,
+                                        on_finished=on_finished)
 
-    def compute_advantages(self, rollout: Rollout, rewards: torch.Tensor) -> None:
+    @torch.no_grad()
+    def _reference_means(self, batch: RolloutBatch) -> None:
+        """The reference policy's step mean of every row, once per rollout (not per micro-batch and inner epoch):
+        it does not change while the policy trains."""
+        rows = batch.transitions
+        with self.policy.reference() as reference:
+            rows.reference_mean = torch.cat([
+                self.rescore(rows.select(index), batch.embeds, reference).mean
+                for index in torch.arange(len(rows)).split(self.config.per_device_train_batch_size)
+            ])
+
+    def compute_advantages(self, rollout: RolloutBatch, rewards: torch.Tensor) -> None:
         """Group-relative advantages per scored sample, copied onto the transitions with their step weights."""
         config = self.config
         advantages = group_advantages(rewards, rollout.sample_group, config.scale_rewards, clip=config.adv_clip_max)
@@ -87,7 +104,7 @@ class RolloutMixin:
             counted = informative_samples(rewards, rollout.sample_group).float()
         rows.loss_mask = counted.to(device)[rows.sample_index.to(device)]
 
-    def _group_diagnostics(self, rollout: Rollout, rewards: torch.Tensor) -> dict:
+    def _group_diagnostics(self, rollout: RolloutBatch, rewards: torch.Tensor) -> dict:
         """How much signal the advantages carry: the share of groups whose rewards are all equal (they teach
         nothing) and the mean within-group reward std, over all processes; for branched rollouts also the share
         per branch step (late steps, past where the layout is decided, often have no spread)."""

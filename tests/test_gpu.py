@@ -210,7 +210,8 @@ def _trainer(size, output_dir):
 def test_first_inner_step_is_on_policy_and_a_training_iteration_fits(size, tmp_path):
     trainer = _trainer(size, tmp_path)
     with trainer.accelerator.autocast():  # as training_step: rollout and recomputation in the same precision
-        rollout, embeds = trainer.rollout(trainer._sample_prompts())
+        rollout = trainer.rollout(trainer._sample_prompts())
+        embeds = rollout.embeds
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad(), trainer.accelerator.autocast():
         _, stats = trainer.compute_loss(rollout.transitions, embeds)  # all rows in one batch, unlike the rollout

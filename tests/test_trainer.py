@@ -54,7 +54,8 @@ def _lora_weights(directory):
 def test_first_inner_step_is_on_policy(tiny_sd3_dir, tmp_path, guidance_scale):
     trainer = _trainer(_config(tiny_sd3_dir, tmp_path, guidance_scale=guidance_scale, beta=0.1))
     prompts = trainer._sample_prompts()
-    rollout, embeds = trainer.rollout(prompts)
+    rollout = trainer.rollout(prompts)
+    embeds = rollout.embeds
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad():
         _, stats = trainer.compute_loss(rollout.transitions, embeds)
@@ -68,7 +69,8 @@ def test_first_inner_step_is_on_policy(tiny_sd3_dir, tmp_path, guidance_scale):
 def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path, pruning):
     trainer = _trainer(_config(tiny_flux_dir, tmp_path, guidance_scale=3.5, noise_level=0.9, **pruning))
     assert type(trainer.policy.transformer.forward).__name__ == ("TokenPruner" if pruning else "method")
-    rollout, embeds = trainer.rollout(trainer._sample_prompts())
+    rollout = trainer.rollout(trainer._sample_prompts())
+    embeds = rollout.embeds
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad():
         _, stats = trainer.compute_loss(rollout.transitions, embeds)
@@ -163,7 +165,7 @@ def test_rollout_options_seeds_subsets_and_prompt_groups(tiny_sd3_dir, tmp_path)
     config = _config(tiny_sd3_dir, tmp_path, seeds_per_prompt=2, num_branch_steps_per_iteration=2,
                      child_num_inference_steps=1, advantage_group="prompt")
     trainer = _trainer(config)
-    rollout, _ = trainer.rollout(trainer._sample_prompts())
+    rollout = trainer.rollout(trainer._sample_prompts())
     trajectories, g = 2 * 2, 3
     assert rollout.num_model_evals == trajectories * (4 + g * 2)  # children finish in one ODE step
     assert len(rollout.final_latents) == trajectories * 2 * g
@@ -179,7 +181,8 @@ def test_bf16_and_gradient_checkpointing_train(tiny_sd3_dir, tmp_path):
     assert trainer.policy.transformer.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.trainable)
     with trainer.accelerator.autocast():
-        rollout, embeds = trainer.rollout(trainer._sample_prompts())
+        rollout = trainer.rollout(trainer._sample_prompts())
+        embeds = rollout.embeds
         trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
         with torch.no_grad():
             _, stats = trainer.compute_loss(rollout.transitions, embeds)
@@ -270,7 +273,8 @@ def test_loss_mean_over_all_rows_or_only_those_with_an_advantage(tiny_sd3_dir, t
     group's rewards differ (the 3 siblings of the first branch point all score 1: zero advantage). Rewards
     (0, 0, 10) per group with advantages clipped to ±1 keep the sum away from 0."""
     trainer = _trainer(_config(tiny_sd3_dir, tmp_path, loss_mean_over=loss_mean_over, adv_clip_max=1.0))
-    rollout, embeds = trainer.rollout(trainer._sample_prompts())
+    rollout = trainer.rollout(trainer._sample_prompts())
+    embeds = rollout.embeds
     rewards = torch.tensor([0.0, 0.0, 10.0]).repeat(len(rollout.final_latents) // 3)
     rewards[rollout.sample_group == rollout.sample_group[0]] = 1.0
     trainer.compute_advantages(rollout, rewards)
@@ -286,5 +290,23 @@ def test_loss_mean_over_all_rows_or_only_those_with_an_advantage(tiny_sd3_dir, t
 
 def test_rollout_and_loss_share_one_stochastic_step(tiny_sd3_dir, tmp_path):
     trainer = _trainer(_config(tiny_sd3_dir, tmp_path, sde_type="cps", noise_level=0.5))
-    assert trainer.step is trainer.engine.step
-    assert (trainer.step.kind, trainer.step.noise_level) == ("cps", 0.5)
+    batch = trainer.rollout(trainer._sample_prompts())
+    assert batch.step is trainer.step is trainer.engine.step  # the rollout's rows and the loss: one object
+    assert (batch.step.kind, batch.step.noise_level) == ("cps", 0.5)
+
+
+def test_reference_means_are_computed_once_per_rollout(tiny_sd3_dir, tmp_path):
+    """With beta > 0 the reference policy (adapter off) is entered once per iteration, with the rollout, not for
+    each of the 6 micro-batches of the 2 inner epochs."""
+    trainer = _trainer(_config(tiny_sd3_dir, tmp_path, beta=0.1, num_iterations=2, max_steps=1))
+    calls = {"reference": 0}
+    reference = trainer.policy.reference
+
+    def counting_reference():
+        calls["reference"] += 1
+        return reference()
+
+    trainer.policy.reference = counting_reference
+    metrics = trainer.training_step()
+    assert calls["reference"] == 1 and metrics["train/optimizer_steps"] == 2 * 3
+    assert math.isfinite(metrics["train/kl"])
