@@ -12,6 +12,8 @@ ATTENTION_BACKENDS = (
     "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "sage", "flash_attn",
 )
 """Names accepted by ``attention_backend`` (kept here, free of torch imports, for config validation)."""
+BLOCK_SPARSE_KERNELS = ("auto", "triton", "flex", "torch")
+"""Fine-stage kernels of block-sparse attention (``block_sparse_kernel``)."""
 
 TOKEN_PRUNING, BLOCK_SPARSE = "token pruning", "block-sparse attention"
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
-from . import BLOCK_SPARSE
+from . import BLOCK_SPARSE, BLOCK_SPARSE_KERNELS
 from .block_sparse_kernels import TRITON_BLOCK_SIZES, TRITON_HEAD_DIMS, block_sparse_attention
 from .mmdit import (
     block_attentions,
@@ -43,8 +43,6 @@ from .mmdit import (
     mmdit_blocks,
     release_token_grid,
 )
-
-KERNELS = ("auto", "triton", "flex", "torch")
 
 
 @dataclass(frozen=True)
@@ -83,8 +81,8 @@ class BlockSparse:
             raise ValueError(f"block-sparse tile must be 2 or 3 positive sizes, got {list(self.tile)}")
         if len(set(self.layers)) != len(self.layers) or any(layer < 0 for layer in self.layers):
             raise ValueError(f"block-sparse layers must be distinct non-negative block indices, got {list(self.layers)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"block-sparse kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        if self.kernel not in BLOCK_SPARSE_KERNELS:
+            raise ValueError(f"block-sparse kernel must be one of {list(BLOCK_SPARSE_KERNELS)}, got {self.kernel!r}")
 
     @property
     def tile_tokens(self) -> int:

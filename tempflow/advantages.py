@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-SCALE_CHOICES = ("group", "batch", "none")
+from .config import SCALE_REWARDS as SCALE_CHOICES
+
 SPREAD_TOLERANCE = 1e-6
 """A group whose reward std is at most this has no spread: all its advantages are zero."""
 

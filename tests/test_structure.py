@@ -112,3 +112,10 @@ def test_the_trainer_is_small_and_its_functions_short():
                 if node.end_lineno - first + 1 > 50:
                     long.append(f"{name}.{node.name}: {node.end_lineno - first + 1} lines")
     assert long == []
+
+
+def test_choice_lists_agree_with_the_code_that_serves_them():
+    from tempflow.config import SDE_TYPES
+    from tempflow.sampling import STOCHASTIC_STEPS
+
+    assert set(SDE_TYPES) == set(STOCHASTIC_STEPS)
