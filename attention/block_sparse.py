@@ -33,10 +33,16 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
+from . import BLOCK_SPARSE, BLOCK_SPARSE_KERNELS
 from .block_sparse_kernels import TRITON_BLOCK_SIZES, TRITON_HEAD_DIMS, block_sparse_attention
-from .pruning import TokenPruner, block_attentions, flux_attention_output, flux_joint_qkv, mmdit_blocks
-
-KERNELS = ("auto", "triton", "flex", "torch")
+from .mmdit import (
+    block_attentions,
+    claim_token_grid,
+    flux_attention_output,
+    flux_joint_qkv,
+    mmdit_blocks,
+    release_token_grid,
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,8 @@ class BlockSparse:
             raise ValueError(f"block-sparse tile must be 2 or 3 positive sizes, got {list(self.tile)}")
         if len(set(self.layers)) != len(self.layers) or any(layer < 0 for layer in self.layers):
             raise ValueError(f"block-sparse layers must be distinct non-negative block indices, got {list(self.layers)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"block-sparse kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        if self.kernel not in BLOCK_SPARSE_KERNELS:
+            raise ValueError(f"block-sparse kernel must be one of {list(BLOCK_SPARSE_KERNELS)}, got {self.kernel!r}")
 
     @property
     def tile_tokens(self) -> int:
@@ -235,13 +241,12 @@ def apply_block_sparse(transformer: torch.nn.Module, family: str, sparse: BlockS
         return
     if family not in ("sd3", "flux"):
         raise ValueError(f"block-sparse attention supports the families ['sd3', 'flux'], got {family!r}")
-    if isinstance(transformer.__dict__.get("forward"), TokenPruner):
-        raise ValueError("block-sparse attention cannot be combined with token pruning (the token grid changes)")
     tile_order(tuple(grid), sparse.tile)  # validates grid against tile
     blocks = [block_attentions(block) for block in mmdit_blocks(transformer)]
     bad = [layer for layer in sparse.layers if layer >= len(blocks)]
     if bad:
         raise ValueError(f"block-sparse layers {bad} out of range: this transformer has {len(blocks)} blocks")
+    claim_token_grid(transformer, BLOCK_SPARSE)
     processor_class = BlockSparseJointAttnProcessor if family == "sd3" else BlockSparseFluxAttnProcessor
     for index, modules in enumerate(blocks):
         if sparse.layers and index not in sparse.layers:
@@ -262,6 +267,7 @@ def uses_block_sparse(transformer: torch.nn.Module) -> bool:
 
 def remove_block_sparse(transformer: torch.nn.Module) -> None:
     """Restore the default processors wherever :func:`apply_block_sparse` installed sparse ones."""
+    release_token_grid(transformer, BLOCK_SPARSE)
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), _SparseProcessor):
             module.set_processor(FluxAttnProcessor() if isinstance(module, FluxAttention) else JointAttnProcessor2_0())

@@ -21,33 +21,24 @@ inside attention from one table shared by the batch; with per-sample token sets 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttention,
-    FluxAttnProcessor,
-    _get_qkv_projections,
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+from . import TOKEN_PRUNING
+from .mmdit import (
+    TRANSFORMER_CLASSES,
+    carry_backend,
+    claim_token_grid,
+    flux_attention_output,
+    flux_joint_qkv,
+    mmdit_blocks,
+    release_token_grid,
 )
 
-TRANSFORMER_CLASSES = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
-
-
-
-def mmdit_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer's blocks in order: SD3's joint blocks, or FLUX's double blocks then its single blocks (the
-    indexing that pruning, block-sparse and SoftPAG layers use)."""
-    return list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
-
-
-def block_attentions(block: torch.nn.Module) -> list[torch.nn.Module]:
-    """The block's self-attention modules: ``attn``, and SD3.5's image-only ``attn2`` where present."""
-    return [module for module in (block.attn, getattr(block, "attn2", None)) if module is not None]
 
 @dataclass(frozen=True)
 class TokenPruning:
@@ -224,52 +215,6 @@ def gather_rotary(rotary, text_len: int, positions: torch.Tensor):
     )
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """FLUX's RoPE (diffusers' ``apply_rotary_emb``, interleaved pairs) on ``x`` ``[B, S, H, D]`` with tables
-    ``[S, D]`` or, per sample, ``[B, S, D]``."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-def flux_joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
-    """FLUX attention's ``Q, K, V`` ``[B, S, H, D]`` as ``FluxAttnProcessor`` builds them (projections, QK norms,
-    text tokens first), with RoPE from the shared table ``[S, D]`` or per-sample tables ``[B, S, D]``. Shared by
-    the processors here, in block-sparse attention and in SoftPAG, which change only what follows."""
-    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-        attn, hidden_states, encoder_hidden_states
-    )
-    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-    value = value.unflatten(-1, (-1, attn.head_dim))
-    if attn.added_kv_proj_dim is not None:
-        query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-        key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-        value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-    if image_rotary_emb is not None:
-        if image_rotary_emb[0].ndim == 2:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        else:
-            cos, sin = image_rotary_emb
-            query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-    return query, key, value
-
-
-def flux_attention_output(attn, hidden_states, encoder_hidden_states=None):
-    """The tail of ``FluxAttnProcessor``: attention output ``[B, S, H·D]`` (text first) → the single block's
-    output as it is, or the double block's (image, text) pair through their output projections."""
-    if encoder_hidden_states is None:
-        return hidden_states
-    text_len = encoder_hidden_states.shape[1]
-    encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-        [text_len, hidden_states.shape[1] - text_len], dim=1
-    )
-    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-    return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
-
-
 class PerSampleRotaryFluxAttnProcessor(FluxAttnProcessor):
     """``FluxAttnProcessor`` that also accepts per-sample RoPE tables ``[B, S, D]``; with the model's shared
     ``[S, D]`` table it is ``FluxAttnProcessor`` itself. The attention backend set on the model still applies."""
@@ -302,10 +247,7 @@ def apply_token_pruning(transformer: torch.nn.Module, family: str, pruning: Toke
         raise ValueError(
             f"token pruning for {family!r} needs a {TRANSFORMER_CLASSES[family].__name__}, got {type(transformer).__name__}"
         )
-    from .block_sparse import uses_block_sparse
-
-    if uses_block_sparse(transformer):
-        raise ValueError("token pruning cannot be combined with block-sparse attention (the token grid changes)")
+    claim_token_grid(transformer, TOKEN_PRUNING)
     pruner = TokenPruner(transformer, family, pruning)
     if family == "flux":
         _install_per_sample_rotary(transformer)
@@ -317,20 +259,11 @@ def remove_token_pruning(transformer: torch.nn.Module) -> None:
     """Undo :func:`apply_token_pruning` (a no-op on a transformer without pruning)."""
     if not isinstance(transformer.__dict__.get("forward"), TokenPruner):
         return
+    release_token_grid(transformer, TOKEN_PRUNING)
     del transformer.forward
     for module in transformer.modules():
         if isinstance(module, FluxAttention) and isinstance(module.processor, PerSampleRotaryFluxAttnProcessor):
-            module.set_processor(_carry_backend(module.processor, FluxAttnProcessor()))
-
-
-@contextlib.contextmanager
-def token_pruning(transformer: torch.nn.Module, family: str, pruning: TokenPruning | None):
-    """``apply_token_pruning`` for the duration of a ``with`` block (e.g. pruned evaluation sampling)."""
-    pruner = apply_token_pruning(transformer, family, pruning)
-    try:
-        yield pruner
-    finally:
-        remove_token_pruning(transformer)
+            module.set_processor(carry_backend(module.processor, FluxAttnProcessor()))
 
 
 def _install_per_sample_rotary(transformer: torch.nn.Module) -> None:
@@ -341,11 +274,4 @@ def _install_per_sample_rotary(transformer: torch.nn.Module) -> None:
             raise ValueError(
                 f"token pruning needs FLUX's default attention processor, found {type(module.processor).__name__}"
             )
-        module.set_processor(_carry_backend(module.processor, PerSampleRotaryFluxAttnProcessor()))
-
-
-def _carry_backend(old, new):
-    """``new`` with the dispatcher settings (``set_attention_backend``) of ``old``."""
-    new._attention_backend = old._attention_backend
-    new._parallel_config = old._parallel_config
-    return new
+        module.set_processor(carry_backend(module.processor, PerSampleRotaryFluxAttnProcessor()))

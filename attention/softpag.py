@@ -36,15 +36,15 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .pruning import (
+from .mmdit import (
     TRANSFORMER_CLASSES,
-    PerSampleRotaryFluxAttnProcessor,
-    _carry_backend,
     block_attentions,
+    carry_backend,
     flux_attention_output,
     flux_joint_qkv,
     mmdit_blocks,
 )
+from .pruning import PerSampleRotaryFluxAttnProcessor
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def softpag_attention(model: torch.nn.Module, family: str, softpag: SoftPAG):
                 if family == "sd3":
                     processor = SoftPAGJointAttnProcessor(softpag.head_softness(attn.heads))
                 else:
-                    processor = _carry_backend(original, SoftPAGFluxAttnProcessor(softpag.head_softness(attn.heads)))
+                    processor = carry_backend(original, SoftPAGFluxAttnProcessor(softpag.head_softness(attn.heads)))
                 replaced.append((attn, original))
                 attn.set_processor(processor)
                 if family == "flux" and attn.added_kv_proj_dim is None:

@@ -86,11 +86,6 @@ def png_pixels(data: bytes) -> np.ndarray:
             raise ValueError(f"not a valid PNG ({_reason(err)})") from None
 
 
-def decode_png(text: str) -> np.ndarray:
-    """base64 PNG text → ``[H, W, 3]`` uint8; raises ``ValueError`` for anything else."""
-    return png_pixels(png_bytes(text))
-
-
 def limit_pillow_pixels(max_pixels: int) -> None:
     """Make Pillow's decompression-bomb check refuse images over ``max_pixels`` (it only warns below twice
     its limit). Process-wide, so for a process that serves rewards, not for a library user."""

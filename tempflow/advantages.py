@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
-SCALE_CHOICES = ("group", "batch", "none")
+from .config import SCALE_REWARDS as SCALE_CHOICES
+
+SPREAD_TOLERANCE = 1e-6
+"""A group whose reward std is at most this has no spread: all its advantages are zero."""
 
 
 def group_advantages(
@@ -47,7 +50,14 @@ def group_spread(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.
     """Per group (in ``torch.unique`` order of the ids): the std of its finite rewards, and whether it has any
     spread at all. A group whose rewards are all equal gets zero advantages: it teaches nothing."""
     stds = _group_statistics(rewards, group_ids)[-1]
-    return stds, stds > 1e-6
+    return stds, stds > SPREAD_TOLERANCE
+
+
+def informative_samples(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Which samples get a non-zero advantage: scored (finite reward) and in a group with reward spread. Decided
+    from the spread rather than by comparing advantages with 0, which float rounding of the group mean can miss."""
+    valid, _, inverse, _, stds = _group_statistics(rewards, group_ids)
+    return valid & (stds > SPREAD_TOLERANCE)[inverse]
 
 
 def _group_statistics(rewards: torch.Tensor, group_ids: torch.Tensor):

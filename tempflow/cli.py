@@ -50,11 +50,10 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
 def _load_for_sampling(args):
     from .policies import load_policy
     from .rollout import RolloutEngine
-    from .trainer import resolve_model_path
 
     softpag = _softpag(args)  # checked before the (slow) load; its layers and heads once the model is there
     policy = load_policy(
-        resolve_model_path(args.model),
+        args.model,
         resolution=args.resolution,
         guidance_scale=args.guidance_scale,
         max_sequence_length=args.max_sequence_length,
@@ -79,14 +78,7 @@ def evaluate(args) -> dict:
     import dataclasses
     import json
 
-    from .evaluation import (
-        best_of_samples,
-        evaluation_seeds,
-        sample_images,
-        score_images,
-        scores_by_task,
-        task_labels,
-    )
+    from .evaluation import best_of_samples, sample_prompt_set, score_images, scores_by_task, task_labels
     from .plots import save_image_grid
     from .prompts import load_prompts
     from .rewards.combined import CombinedReward
@@ -94,9 +86,9 @@ def evaluate(args) -> dict:
     records = load_prompts(args.prompts)[: args.limit]
     reward = CombinedReward.from_names(args.rewards)
     policy, engine = _load_for_sampling(args)
-    k, positions = args.samples_per_prompt, list(range(len(records)))
-    seeds = [seed for j in range(k) for seed in evaluation_seeds(args.seed, positions, sample=j)]
-    images = sample_images(policy, engine, records * k, seeds, args.num_steps, progress=True)
+    k = args.samples_per_prompt
+    images = sample_prompt_set(policy, engine, records, list(range(len(records))), args.seed, args.num_steps, k,
+                               progress=True)
     _, components = score_images(reward, images, records * k, progress=True)
     labels = task_labels(records)
     summary = {"model": args.model, "lora": args.lora, "prompts": args.prompts, "num_prompts": len(records),
@@ -129,15 +121,15 @@ def _print_scores(summary: dict, k: int) -> None:
 
 def sample(args) -> None:
     """Generate one image per prompt and save them as PNG files (and a grid)."""
-    from .evaluation import evaluation_seeds, sample_images
+    from .evaluation import sample_prompt_set
     from .plots import save_image_grid
     from .prompts import load_prompts
     from .rewards import to_pil
 
     records = [{"prompt": p} for p in args.prompt] if args.prompt else load_prompts(args.prompts)[: args.limit]
     policy, engine = _load_for_sampling(args)
-    images = sample_images(policy, engine, records, evaluation_seeds(args.seed, list(range(len(records)))),
-                           args.num_steps, progress=True)
+    images = sample_prompt_set(policy, engine, records, list(range(len(records))), args.seed, args.num_steps,
+                               progress=True)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(to_pil(images)):

@@ -1,4 +1,6 @@
-"""`TempFlowGRPOConfig`: every setting of a training run, in one dataclass.
+"""`TempFlowGRPOConfig`: every setting of a training run, in one dataclass, grouped as users look for them: run,
+model, data and rewards, sampling, algorithm, objective, optimisation, speed, logging. Choice lists are defined
+here once (torch-free, for validation before anything heavy loads).
 
 Field help texts are the CLI's ``--help``. Defaults follow the TempFlow-GRPO / Flow-GRPO recipes for SD3.5-M
 (DESIGN §3); field names follow TRL's ``GRPOConfig`` where the idea is the same (``num_generations``,
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -17,10 +20,28 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .attention import ATTENTION_BACKENDS
+from .attention import (
+    ATTENTION_BACKENDS,
+    BLOCK_SPARSE,
+    BLOCK_SPARSE_KERNELS,
+    TOKEN_PRUNING,
+    check_token_grid_users,
+)
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo")
+MODEL_FAMILIES = ("auto", "sd3", "flux")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SDE_TYPES = ("sde", "cps")
+"""The stochastic steps of :mod:`tempflow.sampling` (``STOCHASTIC_STEPS``)."""
+ADVANTAGE_GROUPS = ("seed", "prompt")
+SCALE_REWARDS = ("group", "batch", "none")
+REWARD_ERROR_POLICIES = ("raise", "skip")
+LORA_INITS = ("gaussian", "default")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+KL_NORMALIZATIONS = ("step_variance", "noise_scale")
+LOSS_MEAN_OVER = ("all_rows", "nonzero_advantage_rows")
+LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+"""Learning-rate schedules offered (diffusers' ``get_scheduler`` names, as in TRL's ``lr_scheduler_type``)."""
 """``torch.compile`` modes offered. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) are not: CUDA
 graphs reuse their output memory on the next replay, while rollouts keep velocities across calls and the KL
 reference runs between a training forward and its backward."""
@@ -35,10 +56,6 @@ class TempFlowGRPOConfig:
     # --- run ---
     output_dir: str = _help("Where checkpoints, LoRA weights, metrics and plots are written.", default="outputs/run")
     seed: int = _help("Seed of everything random: prompts, noise, branch steps, shuffling.", default=42)
-    algorithm: str = _help(
-        "`tempflow_grpo` (branched rollouts, per-step credit) or `flow_grpo` (full SDE trajectories).",
-        default="tempflow_grpo",
-    )
 
     # --- model ---
     model_name_or_path: str = _help(
@@ -57,6 +74,175 @@ class TempFlowGRPOConfig:
         "`model_max_length` when shorter (ShapesWorld: 8).",
         default=None,
     )
+    mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
+    use_lora: bool = _help(
+        "Train a LoRA adapter (peft) instead of the full transformer. Full fine-tuning (false) trains every "
+        "transformer weight, exports `transformer/` with save_pretrained, and with beta > 0 keeps a frozen copy of "
+        "the initial transformer as the KL reference. Under DeepSpeed ZeRO-3 (full fine-tuning only) that copy is "
+        "made before sharding, so it is whole on every GPU.",
+        default=True,
+    )
+    lora_r: int = _help("LoRA rank.", default=32)
+    lora_alpha: int = _help("LoRA alpha.", default=64)
+    lora_init: str = _help("LoRA init (peft `init_lora_weights`): `gaussian` or `default`.", default="gaussian")
+    lora_target_modules: list[str] | None = _help("Modules to adapt; default the model family's.", default=None)
+
+    # --- data and rewards ---
+    train_prompts: str = _help(
+        "Prompt file: .txt (one prompt a line) or .jsonl (objects with a `prompt` key; other keys are passed "
+        "to rewards as metadata). `shapes:train` / `shapes:eval` name the ShapesWorld sets.",
+        default="shapes:train",
+    )
+    eval_prompts: str | None = _help("Held-out prompt file (same formats); none disables evaluation.", default="shapes:eval")
+    num_eval_prompts: int | None = _help(
+        "Evaluate on n held-out prompts spread evenly over the file (every task keeps its share); default all.",
+        default=None,
+    )
+    reward_funcs: list[str] = _help(
+        "Registered reward names or `package.module:function` paths.", default_factory=lambda: ["shapes"]
+    )
+    reward_kwargs: dict | str | None = _help(
+        "Constructor arguments of reward classes, by reward name, e.g. {pickscore: {normalize: true}} "
+        "(JSON on the command line).",
+        default=None,
+    )
+    reward_weights: list[float] | None = _help("Weight of each reward in the sum; default all 1.", default=None)
+    eval_reward_funcs: list[str] = _help(
+        "Extra rewards computed only at evaluation (e.g. `shapes_strict` for GenEval-style accuracy).",
+        default_factory=list,
+    )
+    reward_timeout: float | None = _help(
+        "Seconds a reward may take for one batch; a slower one is handled by reward_error_policy.", default=None
+    )
+    reward_error_policy: str = _help(
+        "When a reward raises, times out or returns NaN/None: `raise` (stop with the reward's name) or `skip` (leave the "
+        "sample out of advantages, with a warning).",
+        default="raise",
+    )
+
+    # --- sampling ---
+    num_inference_steps: int = _help("Denoising steps N of a training rollout.", default=10)
+    eval_num_inference_steps: int = _help("ODE steps of evaluation sampling.", default=40)
+    noise_level: float = _help("SDE noise level a (0.7 for SD3.5, 0.9 for FLUX in the reference work).", default=0.7)
+    sde_type: str = _help("Stochastic step: `sde` (Flow-GRPO) or `cps` (coefficients-preserving).", default="sde")
+    num_generations: int = _help(
+        "G: images per prompt (flow_grpo) or SDE children per branch step (tempflow_grpo).", default=6
+    )
+    prompts_per_iteration: int = _help("Prompts sampled per process per training iteration.", default=4)
+    seeds_per_prompt: int = _help(
+        "tempflow_grpo: ODE main paths (noise seeds) per prompt; each seed is branched on its own.", default=1
+    )
+
+    # --- algorithm: TempFlow-GRPO or Flow-GRPO, each component one switch (the paper's ablations) ---
+    algorithm: str = _help(
+        "`tempflow_grpo` (branched rollouts, per-step credit) or `flow_grpo` (full SDE trajectories).",
+        default="tempflow_grpo",
+    )
+    branching: bool = _help("tempflow_grpo: branch G SDE children off the ODE path at each branch step.", default=True)
+    branch_steps: list[int] | None = _help(
+        "Step indices to branch at; default all but the last step.", default=None
+    )
+    num_branch_steps_per_iteration: int | None = _help(
+        "Branch at a random subset of k of the branch steps each iteration (cheaper rollouts).", default=None
+    )
+    child_num_inference_steps: int | None = _help(
+        "Finish children with at most this many ODE steps (coarser than the main path); default: same grid.",
+        default=None,
+    )
+    noise_aware_weighting: bool = _help("Weight each step's loss by its noise std (mean 1).", default=True)
+    advantage_group: str = _help(
+        "tempflow_grpo: normalise rewards among the children of one seed at one step (`seed`) or among all "
+        "children of the prompt at that step (`prompt`).",
+        default="seed",
+    )
+    scale_rewards: str = _help("Divide centred rewards by the `group` std, the `batch` std, or `none`.", default="group")
+    adv_clip_max: float = _help("Advantages are clamped to ±adv_clip_max.", default=5.0)
+    sde_window_size: int | None = _help(
+        "flow_grpo: SDE only in a window of this many consecutive steps (ODE elsewhere); only window steps "
+        "are trained. Default: SDE everywhere.",
+        default=None,
+    )
+    sde_window_range: list[int] | None = _help(
+        "[first, last] step where a window may start; default the whole trajectory.", default=None
+    )
+
+    # --- objective, with the switches between the peers' conventions (README: Fidelity switches) ---
+    epsilon: float = _help("Clip range ε of the ratio (tiny on purpose in this field).", default=1e-4)
+    beta: float = _help(
+        "KL coefficient to the reference policy (LoRA disabled): beta·mean((μ_θ−μ_ref)²)/(2·std²), std as "
+        "kl_normalization says.",
+        default=0.0,
+    )
+    kl_normalization: str = _help(
+        "What the KL term divides the squared mean difference by, i.e. what a given beta means. `step_variance`: "
+        "2·std² with the step's noise std = s(σ)·sqrt(−Δ), the exact Gaussian KL (TempFlow-GRPO's code). "
+        "`noise_scale`: 2·s(σ)², without the Δ (Flow-GRPO's code), so the same beta is 1/(−Δ) times weaker there "
+        "(3.7–25× at SD3.5's 10 steps). CPS steps divide by their std either way.",
+        default="step_variance",
+    )
+    cfg_uncond_gradient: bool = _help(
+        "SD3 with CFG: whether the loss's gradient also flows through the unconditional prediction "
+        "(TempFlow-GRPO's code: yes). False detaches it, so only the conditional branch is trained (× the CFG "
+        "scale), as Flow-GRPO does. No effect without CFG (FLUX, guidance_scale 1).",
+        default=True,
+    )
+    loss_mean_over: str = _help(
+        "Which rows the loss averages over. `all_rows`: every training row. `nonzero_advantage_rows`: rows whose "
+        "advantage is zero (their group's rewards are all equal, or their sample went unscored) are dropped before "
+        "micro-batching, as the Flow-GRPO and TempFlow-GRPO codes drop such samples: the remaining rows' loss is "
+        "not diluted, and the iteration may take fewer optimizer steps.",
+        default="all_rows",
+    )
+
+    # --- optimisation ---
+    learning_rate: float = _help("AdamW learning rate.", default=3e-4)
+    lr_scheduler_type: str = _help(
+        "Learning-rate schedule over the run's optimizer steps (diffusers' get_scheduler): constant, "
+        "constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial (decay to 0 at the last step). "
+        "Stepped once per applied optimizer step; resumed exactly from a checkpoint.",
+        default="constant",
+    )
+    warmup_steps: int = _help(
+        "Optimizer steps of linear warmup from 0 to learning_rate; when > 0 it wins over warmup_ratio (as in TRL).",
+        default=0,
+    )
+    warmup_ratio: float = _help(
+        "Warmup as a fraction of the run's planned optimizer steps (max_steps × optimizer steps per iteration), "
+        "used when warmup_steps is 0.",
+        default=0.0,
+    )
+    adam_beta1: float = _help("AdamW β1.", default=0.9)
+    adam_beta2: float = _help("AdamW β2.", default=0.999)
+    adam_epsilon: float = _help("AdamW ε.", default=1e-8)
+    weight_decay: float = _help("AdamW weight decay.", default=1e-4)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    num_iterations: int = _help("Passes (inner epochs) over each rollout batch.", default=1)
+    per_device_train_batch_size: int = _help("Training rows (transitions) per micro-batch.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=4)
+    max_steps: int = _help(
+        "Training iterations, each one rollout batch, its rewards and its optimizer steps (num_iterations passes "
+        "of gradient_accumulation_steps micro-batches). Unlike TRL's max_steps, which counts optimizer steps: a run "
+        "takes max_steps × optimizer_steps_per_iteration optimizer steps (several per iteration).",
+        default=100,
+    )
+    max_consecutive_skipped_steps: int = _help(
+        "Optimizer steps with non-finite gradients are skipped; this many in a row stop the run.", default=10
+    )
+    use_ema: bool = _help("Keep an EMA of the trainable weights (evaluation and export use it).", default=False)
+    ema_decay: float = _help("EMA decay per optimizer step.", default=0.9)
+    ema_offload: bool = _help(
+        "Keep the EMA in CPU memory and update it there (the trainable weights are copied to the CPU once per "
+        "optimizer step): frees one copy of them from GPU memory, at the cost of that transfer.",
+        default=False,
+    )
+
+    # --- speed: the same settings hold for rollouts and log-prob recomputation ---
+    rollout_batch_size: int = _help(
+        "Latents per transformer call in rollouts (before CFG doubling); branch children of different "
+        "timesteps are packed together up to this size.",
+        default=16,
+    )
+    gradient_checkpointing: bool = _help("Trade compute for memory in the transformer.", default=False)
     attention_backend: str = _help(
         "Dense attention kernel for rollouts and log-prob recomputation alike: auto, sdpa, sdpa_cudnn, sdpa_flash, "
         "sdpa_efficient, sdpa_math, or (FLUX) flex, sage, flash_attn.",
@@ -65,8 +251,8 @@ class TempFlowGRPOConfig:
     compile_transformer: bool = _help(
         "Compile the transformer with torch.compile, in place, for rollouts, log-prob recomputation and evaluation "
         "alike (after LoRA, gradient checkpointing and token pruning are set up). The first calls of each batch "
-        "shape and mode compile (minutes at real sizes); DESIGN §6 measured 10.1 → 5.4 ms per image-step "
-        "(SD3.5-M, H100, batch 12). Not with DeepSpeed ZeRO-3.",
+        "shape and mode compile (minutes at real sizes); BENCHMARKS.md has the speed-ups measured. Not with "
+        "DeepSpeed ZeRO-3.",
         default=False,
     )
     compile_backend: str = _help(
@@ -120,133 +306,6 @@ class TempFlowGRPOConfig:
     )
     block_sparse_kernel: str = _help(
         "Fine-stage kernel: auto (Triton on CUDA, else PyTorch), triton, flex or torch.", default="auto"
-    )
-    mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
-
-    # --- sampling ---
-    num_inference_steps: int = _help("Denoising steps N of a training rollout.", default=10)
-    eval_num_inference_steps: int = _help("ODE steps of evaluation sampling.", default=40)
-    noise_level: float = _help("SDE noise level a (0.7 for SD3.5, 0.9 for FLUX in the reference work).", default=0.7)
-    sde_type: str = _help("Stochastic step: `sde` (Flow-GRPO) or `cps` (coefficients-preserving).", default="sde")
-    num_generations: int = _help(
-        "G: images per prompt (flow_grpo) or SDE children per branch step (tempflow_grpo).", default=6
-    )
-    prompts_per_iteration: int = _help("Prompts sampled per process per training iteration.", default=4)
-    seeds_per_prompt: int = _help(
-        "tempflow_grpo: ODE main paths (noise seeds) per prompt; each seed is branched on its own.", default=1
-    )
-    rollout_batch_size: int = _help(
-        "Latents per transformer call in rollouts (before CFG doubling); branch children of different "
-        "timesteps are packed together up to this size.",
-        default=16,
-    )
-
-    # --- TempFlow-GRPO components (each one switch, for the paper's ablations) ---
-    branching: bool = _help("tempflow_grpo: branch G SDE children off the ODE path at each branch step.", default=True)
-    branch_steps: list[int] | None = _help(
-        "Step indices to branch at; default all but the last step.", default=None
-    )
-    num_branch_steps_per_iteration: int | None = _help(
-        "Branch at a random subset of k of the branch steps each iteration (cheaper rollouts).", default=None
-    )
-    child_num_inference_steps: int | None = _help(
-        "Finish children with at most this many ODE steps (coarser than the main path); default: same grid.",
-        default=None,
-    )
-    noise_aware_weighting: bool = _help("Weight each step's loss by its noise std (mean 1).", default=True)
-    advantage_group: str = _help(
-        "tempflow_grpo: normalise rewards among the children of one seed at one step (`seed`) or among all "
-        "children of the prompt at that step (`prompt`).",
-        default="seed",
-    )
-    scale_rewards: str = _help("Divide centred rewards by the `group` std, the `batch` std, or `none`.", default="group")
-    adv_clip_max: float = _help("Advantages are clamped to ±adv_clip_max.", default=5.0)
-
-    # --- windowed SDE (Flow-GRPO-Fast / MixGRPO style) ---
-    sde_window_size: int | None = _help(
-        "flow_grpo: SDE only in a window of this many consecutive steps (ODE elsewhere); only window steps "
-        "are trained. Default: SDE everywhere.",
-        default=None,
-    )
-    sde_window_range: list[int] | None = _help(
-        "[first, last] step where a window may start; default the whole trajectory.", default=None
-    )
-
-    # --- objective ---
-    epsilon: float = _help("Clip range ε of the ratio (tiny on purpose in this field).", default=1e-4)
-    beta: float = _help(
-        "KL coefficient to the reference policy (LoRA disabled), using the exact Gaussian step KL "
-        "mean((μ_θ−μ_ref)²)/(2·std²) with std = s·sqrt(−Δ) (TempFlow's convention).",
-        default=0.0,
-    )
-    num_iterations: int = _help("Passes (inner epochs) over each rollout batch.", default=1)
-    per_device_train_batch_size: int = _help("Training rows (transitions) per micro-batch.", default=8)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=4)
-
-    # --- optimisation ---
-    learning_rate: float = _help("AdamW learning rate.", default=3e-4)
-    adam_beta1: float = _help("AdamW β1.", default=0.9)
-    adam_beta2: float = _help("AdamW β2.", default=0.999)
-    adam_epsilon: float = _help("AdamW ε.", default=1e-8)
-    weight_decay: float = _help("AdamW weight decay.", default=1e-4)
-    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
-    max_steps: int = _help("Training iterations (each: one rollout batch, rewards, and its updates).", default=100)
-    max_consecutive_skipped_steps: int = _help(
-        "Optimizer steps with non-finite gradients are skipped; this many in a row stop the run.", default=10
-    )
-    gradient_checkpointing: bool = _help("Trade compute for memory in the transformer.", default=False)
-    use_ema: bool = _help("Keep an EMA of the trainable weights (evaluation and export use it).", default=False)
-    ema_decay: float = _help("EMA decay per optimizer step.", default=0.9)
-    ema_offload: bool = _help(
-        "Keep the EMA in CPU memory and update it there (the trainable weights are copied to the CPU once per "
-        "optimizer step): frees one copy of them from GPU memory, at the cost of that transfer.",
-        default=False,
-    )
-
-    # --- LoRA ---
-    use_lora: bool = _help(
-        "Train a LoRA adapter (peft) instead of the full transformer. Full fine-tuning (false) trains every "
-        "transformer weight, exports `transformer/` with save_pretrained, and with beta > 0 keeps a frozen copy of "
-        "the initial transformer as the KL reference. Under DeepSpeed ZeRO-3 (full fine-tuning only) that copy is "
-        "made before sharding, so it is whole on every GPU.",
-        default=True,
-    )
-    lora_r: int = _help("LoRA rank.", default=32)
-    lora_alpha: int = _help("LoRA alpha.", default=64)
-    lora_init: str = _help("LoRA init (peft `init_lora_weights`): `gaussian` or `default`.", default="gaussian")
-    lora_target_modules: list[str] | None = _help("Modules to adapt; default the model family's.", default=None)
-
-    # --- data and rewards ---
-    train_prompts: str = _help(
-        "Prompt file: .txt (one prompt a line) or .jsonl (objects with a `prompt` key; other keys are passed "
-        "to rewards as metadata). `shapes:train` / `shapes:eval` name the ShapesWorld sets.",
-        default="shapes:train",
-    )
-    eval_prompts: str | None = _help("Held-out prompt file (same formats); none disables evaluation.", default="shapes:eval")
-    num_eval_prompts: int | None = _help(
-        "Evaluate on n held-out prompts spread evenly over the file (every task keeps its share); default all.",
-        default=None,
-    )
-    reward_funcs: list[str] = _help(
-        "Registered reward names or `package.module:function` paths.", default_factory=lambda: ["shapes"]
-    )
-    reward_kwargs: dict | str | None = _help(
-        "Constructor arguments of reward classes, by reward name, e.g. {pickscore: {normalize: true}} "
-        "(JSON on the command line).",
-        default=None,
-    )
-    reward_weights: list[float] | None = _help("Weight of each reward in the sum; default all 1.", default=None)
-    eval_reward_funcs: list[str] = _help(
-        "Extra rewards computed only at evaluation (e.g. `shapes_strict` for GenEval-style accuracy).",
-        default_factory=list,
-    )
-    reward_timeout: float | None = _help(
-        "Seconds a reward may take for one batch; a slower one is handled by reward_error_policy.", default=None
-    )
-    reward_error_policy: str = _help(
-        "When a reward raises, times out or returns NaN/None: `raise` (stop with the reward's name) or `skip` (leave the "
-        "sample out of advantages, with a warning).",
-        default="raise",
     )
 
     # --- logging, evaluation and checkpoints ---
@@ -305,15 +364,24 @@ class TempFlowGRPOConfig:
                     reject(name, "must be positive")
 
         one_of("algorithm", ALGORITHMS)
-        one_of("model_family", ("auto", "sd3", "flux"))
-        one_of("mixed_precision", ("no", "fp16", "bf16"))
+        one_of("model_family", MODEL_FAMILIES)
+        one_of("mixed_precision", MIXED_PRECISIONS)
         one_of("attention_backend", ATTENTION_BACKENDS)
         one_of("compile_mode", COMPILE_MODES)
-        one_of("sde_type", ("sde", "cps"))
-        one_of("advantage_group", ("seed", "prompt"))
-        one_of("scale_rewards", ("group", "batch", "none"))
-        one_of("reward_error_policy", ("raise", "skip"))
-        one_of("lora_init", ("gaussian", "default"))
+        one_of("sde_type", SDE_TYPES)
+        one_of("advantage_group", ADVANTAGE_GROUPS)
+        one_of("scale_rewards", SCALE_REWARDS)
+        one_of("reward_error_policy", REWARD_ERROR_POLICIES)
+        one_of("lora_init", LORA_INITS)
+        one_of("lr_scheduler_type", LR_SCHEDULER_TYPES)
+        one_of("kl_normalization", KL_NORMALIZATIONS)
+        one_of("loss_mean_over", LOSS_MEAN_OVER)
+        if self.warmup_steps < 0:
+            reject("warmup_steps", "must be non-negative")
+        if not 0 <= self.warmup_ratio < 1:
+            reject("warmup_ratio", "must lie in [0, 1)")
+        if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
+            reject("lr_scheduler_type", "constant takes no warmup; use constant_with_warmup")
         positive(
             "resolution", "num_inference_steps", "eval_num_inference_steps", "num_generations",
             "prompts_per_iteration", "seeds_per_prompt", "rollout_batch_size", "num_iterations",
@@ -350,9 +418,12 @@ class TempFlowGRPOConfig:
             reject("block_sparse_density", "must lie in (0, 1]")
         if len(self.block_sparse_tile) not in (2, 3) or min(self.block_sparse_tile) < 1:
             reject("block_sparse_tile", "must be 2 (or, for video, 3) positive tile sizes")
-        one_of("block_sparse_kernel", ("auto", "triton", "flex", "torch"))
-        if self.block_sparse_density < 1 and self.token_pruning_layers:
-            reject("block_sparse_density", "block-sparse attention and token pruning cannot be combined")
+        one_of("block_sparse_kernel", BLOCK_SPARSE_KERNELS)
+        grid_users = {TOKEN_PRUNING: bool(self.token_pruning_layers), BLOCK_SPARSE: self.block_sparse_density < 1}
+        try:
+            check_token_grid_users({name for name, on in grid_users.items() if on})
+        except ValueError as err:
+            reject("block_sparse_density", str(err))
         if not 0 <= self.ema_decay < 1:
             reject("ema_decay", "must lie in [0, 1)")
         if self.ema_offload and not self.use_ema:
@@ -397,6 +468,30 @@ class TempFlowGRPOConfig:
     def weighted(self) -> bool:
         """Whether each step's loss is scaled by its noise-aware weight."""
         return self.algorithm == "tempflow_grpo" and self.noise_aware_weighting
+
+    @property
+    def rows_per_iteration(self) -> int:
+        """Training rows (stochastic steps) one process's rollout yields per iteration."""
+        if self.branched:
+            pool = len(self.branch_steps) if self.branch_steps else self.num_inference_steps - 1
+            steps = self.num_branch_steps_per_iteration or pool
+            return self.prompts_per_iteration * self.seeds_per_prompt * steps * self.num_generations
+        trained = self.sde_window_size or self.num_inference_steps - 1
+        return self.prompts_per_iteration * self.num_generations * trained
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps of one iteration: ``num_iterations`` passes over its rows in micro-batches of
+        ``per_device_train_batch_size``, one step per ``gradient_accumulation_steps`` of them."""
+        micro_batches = math.ceil(self.rows_per_iteration / self.per_device_train_batch_size)
+        return self.num_iterations * math.ceil(micro_batches / self.gradient_accumulation_steps)
+
+    @property
+    def num_warmup_steps(self) -> int:
+        """Warmup in optimizer steps: ``warmup_steps`` when set, else ``warmup_ratio`` of the planned steps."""
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * self.max_steps * self.optimizer_steps_per_iteration)
 
     @classmethod
     def field_names(cls) -> set[str]:

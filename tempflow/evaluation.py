@@ -57,6 +57,23 @@ def sample_images(
     return torch.cat(images)
 
 
+def sample_prompt_set(
+    policy: FlowPolicy,
+    engine: RolloutEngine,
+    records: list[dict],
+    positions: list[int],
+    seed: int,
+    num_steps: int,
+    samples_per_prompt: int = 1,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The evaluation samples of ``records``, which sit at ``positions`` of their prompt set: ``samples_per_prompt``
+    ODE samples each, from :func:`evaluation_seeds`, sample-major (every prompt's first sample, then every
+    prompt's second, ...). The trainer's evaluations, ``tempflow eval`` and ``tempflow sample`` all sample here."""
+    seeds = [s for j in range(samples_per_prompt) for s in evaluation_seeds(seed, positions, sample=j)]
+    return sample_images(policy, engine, records * samples_per_prompt, seeds, num_steps, progress)
+
+
 def record_task(record: dict) -> str | None:
     """The task a prompt record belongs to, for per-task scores: a ``task`` key, GenEval's ``tag``, or the task of
     a ShapesWorld ``spec``; ``None`` when the record names none."""

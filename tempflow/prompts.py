@@ -7,17 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES_PREFIX = "shapes:"
+from .registry import prompt_set_loader
 
 
 def load_prompts(source: str) -> list[dict]:
-    """Records ``{"prompt": str, **metadata}`` from a .txt/.jsonl file or a ShapesWorld set (``shapes:train``,
-    ``shapes:eval``). Raises ``ValueError`` naming the file (and line) for empty or malformed input."""
-    if source.startswith(SHAPES_PREFIX):
-        from .shapes.world import load_prompt_set
-
-        return load_prompt_set(source[len(SHAPES_PREFIX) :])
+    """Records ``{"prompt": str, **metadata}`` from a .txt/.jsonl file or a registered prompt set (``prefix:name``,
+    e.g. ShapesWorld's ``shapes:train``). Raises ``ValueError`` naming the file (and line) for empty or malformed
+    input."""
     path = Path(source)
+    registered = None if path.is_file() else prompt_set_loader(source)
+    if registered is not None:
+        return registered()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source!r} does not exist")
     lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]

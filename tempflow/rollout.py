@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .policies.base import FlowPolicy, PromptEmbeds
-from .sampling import StepOutput, ode_step, stochastic_step
+from .sampling import StepOutput, StochasticStep, ode_step
 
 _INITIAL, _CHILD, _TRAJECTORY = 0, 1, 2  # noise stream tags
 
@@ -54,6 +54,10 @@ class Transitions:
     step_index: torch.Tensor
     advantages: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    """1 for rows the loss mean counts, 0 for rows it leaves out (``loss_mean_over``)."""
+    reference_mean: torch.Tensor | None = None
+    """The reference policy's step mean (KL term), computed once per rollout when ``beta > 0``."""
 
     def __len__(self) -> int:
         return len(self.log_probs)
@@ -68,19 +72,32 @@ class Transitions:
 
 
 @dataclass
-class Rollout:
-    """What one rollout produced: scored samples (final latents) and the transitions to train on."""
+class RolloutBatch:
+    """One rollout, from engine to loss: the rows to train on, the scored samples with the keys that group them,
+    the prompt embeddings that rows and samples index, and the stochastic step that drew the rows (the loss
+    rescores them with the same object)."""
 
     transitions: Transitions
     final_latents: torch.Tensor
     sample_prompt_index: torch.Tensor
-    """Sample → index into the rollout's prompts."""
-    sample_group: torch.Tensor
-    """Sample → advantage group id (samples that share a starting point)."""
+    """Sample → index into the rollout's prompts (and ``embeds``)."""
+    sample_trajectory: torch.Tensor
+    """Sample → the ODE main path (branched) or the SDE trajectory (un-branched) it comes from."""
     sample_step: torch.Tensor
     """Sample → the branch step it was credited to (−1 for full trajectories)."""
+    sample_group: torch.Tensor
+    """Sample → advantage group id, set once from the keys above by the engine's rollout method."""
+    embeds: PromptEmbeds
+    step: StochasticStep
     num_model_evals: int
     """Transformer evaluations of one latent each (CFG's doubled batch counts once)."""
+
+
+@dataclass
+class _RunResult:
+    rows: Transitions | None
+    final_latents: torch.Tensor
+    num_model_evals: int
 
 
 @dataclass
@@ -112,13 +129,6 @@ class _Track:
         return self.position == len(self.sigmas) - 1
 
 
-def branch_reward_table(rewards: torch.Tensor, num_branch_steps: int, num_children: int) -> torch.Tensor:
-    """Rewards of a branched rollout as a ``[trajectories·G, branch steps]`` table: column b holds the G
-    children of every trajectory branched at the b-th branch step."""
-    table = rewards.reshape(-1, num_branch_steps, num_children)
-    return table.permute(0, 2, 1).reshape(-1, num_branch_steps)
-
-
 def coarsen_schedule(sigmas: torch.Tensor, max_steps: int | None) -> torch.Tensor:
     """Keep at most ``max_steps`` steps of a schedule, evenly spaced in index, keeping both ends."""
     num_steps = len(sigmas) - 1
@@ -133,8 +143,7 @@ class RolloutEngine:
 
     def __init__(self, policy: FlowPolicy, noise_level: float, sde_type: str = "sde", batch_size: int = 16):
         self.policy = policy
-        self.noise_level = noise_level
-        self.stochastic_step = stochastic_step(sde_type)
+        self.step = StochasticStep(sde_type, noise_level)
         self.batch_size = batch_size
 
     # --- public rollouts -----------------------------------------------------------------------------------
@@ -156,7 +165,7 @@ class RolloutEngine:
         num_steps: int,
         sde_window: tuple[int, int] | None = None,
         on_finished=None,
-    ) -> Rollout:
+    ) -> RolloutBatch:
         """Flow-GRPO: one SDE trajectory per (prompt index, seed). With ``sde_window = (start, size)`` only
         steps ``start .. start+size−1`` are stochastic (ODE elsewhere); otherwise every step is. Every
         stochastic step but the last of the trajectory is a training row."""
@@ -173,8 +182,10 @@ class RolloutEngine:
             for k, (p, s) in enumerate(zip(prompt_index, seeds))
         ]
         result = self._run(tracks, embeds, len(tracks), on_finished)
-        result.sample_group = torch.as_tensor(group_ids, dtype=torch.long)
-        return result
+        samples = len(tracks)
+        return self._batch(result, embeds, prompt_index=torch.as_tensor(prompt_index, dtype=torch.long),
+                           trajectory=torch.arange(samples), step=torch.full((samples,), -1, dtype=torch.long),
+                           group=torch.as_tensor(group_ids, dtype=torch.long))
 
     @torch.no_grad()
     def branched(
@@ -187,11 +198,12 @@ class RolloutEngine:
         num_children: int,
         child_num_steps: int | None = None,
         on_finished=None,
-    ) -> Rollout:
+        group_by: str = "seed",
+    ) -> RolloutBatch:
         """TempFlow-GRPO: an ODE main path per (prompt index, seed), with ``num_children`` SDE children at each
         of ``branch_steps``, each finished with the ODE. Sample ``(trajectory, branch step, child)`` sits at
-        index ``(t·len(branch_steps) + b)·num_children + j`` and its group is ``t·len(branch_steps) + b``
-        (the seed group: siblings with the same prefix)."""
+        index ``(t·len(branch_steps) + b)·num_children + j``. ``group_by`` ``"seed"`` groups the siblings of one
+        branch point (same trajectory and step), ``"prompt"`` all children of a prompt at one step."""
         self._refuse_softpag()
         sigmas = self.policy.sigma_schedule(num_steps)
         branch_steps = sorted(branch_steps)
@@ -204,10 +216,18 @@ class RolloutEngine:
         result = self._run(tracks, embeds, num_samples, on_finished)
         per_trajectory = len(branch_steps) * num_children
         sample = torch.arange(num_samples)
-        result.sample_group = sample // num_children
-        result.sample_step = torch.as_tensor(branch_steps)[(sample % per_trajectory) // num_children]
-        result.sample_prompt_index = torch.as_tensor(prompt_index)[sample // per_trajectory]
-        return result
+        trajectory, slot = sample // per_trajectory, (sample % per_trajectory) // num_children
+        prompt = torch.as_tensor(prompt_index, dtype=torch.long)[trajectory]
+        owner = {"seed": trajectory, "prompt": prompt}[group_by]
+        return self._batch(result, embeds, prompt_index=prompt, trajectory=trajectory,
+                           step=torch.as_tensor(branch_steps)[slot], group=owner * len(branch_steps) + slot)
+
+    def _batch(self, result: _RunResult, embeds: PromptEmbeds, prompt_index, trajectory, step, group) -> RolloutBatch:
+        return RolloutBatch(
+            transitions=result.rows, final_latents=result.final_latents, sample_prompt_index=prompt_index,
+            sample_trajectory=trajectory, sample_step=step, sample_group=group, embeds=embeds, step=self.step,
+            num_model_evals=result.num_model_evals,
+        )
 
     def _refuse_softpag(self) -> None:
         """Training rollouts must use the velocity that log-prob recomputation uses; SoftPAG is for sampling."""
@@ -222,10 +242,9 @@ class RolloutEngine:
         noise = self.policy.initial_noise(seeded_generator(seed, _INITIAL))
         return _Track(noise.to(self.policy.device), sigmas, int(prompt_index), int(seed), kind, **kwargs)
 
-    def _run(self, tracks: list[_Track], embeds: PromptEmbeds, num_samples: int, on_finished=None) -> Rollout:
+    def _run(self, tracks: list[_Track], embeds: PromptEmbeds, num_samples: int, on_finished=None) -> _RunResult:
         queue = deque(tracks)
         finals: list[torch.Tensor | None] = [None] * num_samples
-        sample_prompt = [-1] * num_samples
         rows: list[dict] = []
         num_evals = 0
         while queue:
@@ -236,20 +255,7 @@ class RolloutEngine:
             velocity = self.policy.velocity(latents, sigma, embeds[[t.prompt_index for t in batch]])
             num_evals += len(batch)
             next_latents = ode_step(latents, velocity, sigma, sigma_next).next_latents
-            stochastic = [k for k, t in enumerate(batch) if t.kind == "trajectory" and t.position in t.sde_positions]
-            if stochastic:
-                out = self.stochastic_step(
-                    latents[stochastic], velocity[stochastic], sigma[stochastic], sigma_next[stochastic],
-                    self.noise_level,
-                    noise=torch.stack([
-                        seeded_noise(tuple(latents.shape[1:]), batch[k].seed, _TRAJECTORY, batch[k].position)
-                        for k in stochastic
-                    ]).to(latents.device),
-                )
-                next_latents[stochastic] = out.next_latents
-                for j, k in enumerate(stochastic):
-                    if batch[k].position in batch[k].trained_positions:
-                        rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index))
+            self._trajectory_sde_steps(batch, latents, velocity, sigma, sigma_next, next_latents, rows)
             finished = []
             for k, track in enumerate(batch):
                 if track.kind == "main" and track.position in track.branch_positions:
@@ -260,20 +266,30 @@ class RolloutEngine:
                     queue.append(track)
                 elif track.sample_index >= 0:
                     finals[track.sample_index] = track.latents
-                    sample_prompt[track.sample_index] = track.prompt_index
                     finished.append(track)
             if finished and on_finished is not None:
                 on_finished([t.sample_index for t in finished], [t.prompt_index for t in finished],
                             torch.cat([t.latents for t in finished]))
         transitions = Transitions.cat([Transitions(**r) for r in rows]) if rows else None
-        return Rollout(
-            transitions=transitions,
-            final_latents=torch.cat(finals),
-            sample_prompt_index=torch.as_tensor(sample_prompt, dtype=torch.long),
-            sample_group=torch.arange(num_samples),
-            sample_step=torch.full((num_samples,), -1, dtype=torch.long),
-            num_model_evals=num_evals,
+        return _RunResult(transitions, torch.cat(finals), num_evals)
+
+    def _trajectory_sde_steps(self, batch: list[_Track], latents, velocity, sigma, sigma_next, next_latents, rows) -> None:
+        """Replace the ODE step of the batch's trajectory tracks inside their SDE window with the stochastic step
+        (in place in ``next_latents``); trained positions become rows."""
+        stochastic = [k for k, t in enumerate(batch) if t.kind == "trajectory" and t.position in t.sde_positions]
+        if not stochastic:
+            return
+        out = self.step(
+            latents[stochastic], velocity[stochastic], sigma[stochastic], sigma_next[stochastic],
+            noise=torch.stack([
+                seeded_noise(tuple(latents.shape[1:]), batch[k].seed, _TRAJECTORY, batch[k].position)
+                for k in stochastic
+            ]).to(latents.device),
         )
+        next_latents[stochastic] = out.next_latents
+        for j, k in enumerate(stochastic):
+            if batch[k].position in batch[k].trained_positions:
+                rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index))
 
     def _spawn_children(self, track: _Track, latents, velocity, rows) -> list[_Track]:
         """G SDE children of a main track at its current step, sharing the main path's velocity (and mean)."""
@@ -281,9 +297,9 @@ class RolloutEngine:
         noise = torch.stack([
             seeded_noise(tuple(latents.shape[1:]), track.seed, _CHILD, track.position, j) for j in range(g)
         ]).to(latents.device)
-        out = self.stochastic_step(
+        out = self.step(
             latents.expand(g, *latents.shape[1:]), velocity.expand(g, *velocity.shape[1:]),
-            torch.full((g,), track.sigma), torch.full((g,), track.sigma_next), self.noise_level, noise=noise,
+            torch.full((g,), track.sigma), torch.full((g,), track.sigma_next), noise=noise,
         )
         child_sigmas = coarsen_schedule(track.sigmas[track.position + 1 :], track.child_num_steps)
         first = (track.trajectory_index * len(track.branch_positions) + track.branch_positions.index(track.position)) * g

@@ -133,12 +133,29 @@ def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
 STOCHASTIC_STEPS = {"sde": sde_step, "cps": cps_step}
 
 
-def stochastic_step(kind: str):
-    """The stochastic step function named by ``kind`` (``"sde"`` or ``"cps"``)."""
-    try:
-        return STOCHASTIC_STEPS[kind]
-    except KeyError:
-        raise ValueError(f"unknown sde_type {kind!r}; expected one of {sorted(STOCHASTIC_STEPS)}") from None
+@dataclass(frozen=True)
+class StochasticStep:
+    """The one stochastic step of a run: its kind (``"sde"`` or ``"cps"``) and noise level ``a``. The rollout draws
+    its samples with it and the loss rescores them with it, so the two cannot disagree on either."""
+
+    kind: str
+    noise_level: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in STOCHASTIC_STEPS:
+            raise ValueError(f"unknown sde_type {self.kind!r}; expected one of {sorted(STOCHASTIC_STEPS)}")
+
+    def __call__(self, latents, velocity, sigma, sigma_next, noise=None, next_latents=None, generator=None) -> StepOutput:
+        return STOCHASTIC_STEPS[self.kind](latents, velocity, sigma, sigma_next, self.noise_level, noise=noise,
+                                           next_latents=next_latents, generator=generator)
+
+    def kl_std(self, out: StepOutput, sigma: torch.Tensor, sigma_next: torch.Tensor, normalization: str) -> torch.Tensor:
+        """The std that the KL term divides by, ``[B]``: the step's own noise std ``s·sqrt(−Δ)``
+        (``step_variance``: the exact Gaussian KL, as TempFlow-GRPO's code computes it), or Flow-GRPO's ``s(σ)``
+        without the ``sqrt(−Δ)`` (``noise_scale``). CPS steps have no separate scale: both give their std."""
+        if normalization == "noise_scale" and self.kind == "sde":
+            return sde_noise_scale(sigma, sigma_next, self.noise_level).to(out.std.device)
+        return out.std
 
 
 def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

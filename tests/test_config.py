@@ -72,3 +72,17 @@ def test_reward_kwargs_from_yaml_and_json(tmp_path):
         parse_config(str(recipe), ["--reward_kwargs", "{oops"])
     with pytest.raises(ValueError, match="not used: \\['pickscore'\\]"):
         TempFlowGRPOConfig(reward_funcs=["shapes"], reward_kwargs={"pickscore": {}})
+
+
+def test_warmup_and_optimizer_steps_per_iteration():
+    # tempflow_grpo: 4 prompts × 1 seed × 9 branch steps × 6 children = 216 rows; 27 micro-batches of 8; 7 steps
+    config = TempFlowGRPOConfig(warmup_ratio=0.1, lr_scheduler_type="cosine", max_steps=10)
+    assert config.rows_per_iteration == 216 and config.optimizer_steps_per_iteration == 7
+    assert config.num_warmup_steps == 7  # ceil(0.1 × 70)
+    assert TempFlowGRPOConfig(warmup_steps=3, warmup_ratio=0.5, lr_scheduler_type="linear").num_warmup_steps == 3
+    flow = TempFlowGRPOConfig(algorithm="flow_grpo", sde_window_size=2, num_iterations=2)
+    assert flow.rows_per_iteration == 4 * 6 * 2 and flow.optimizer_steps_per_iteration == 2 * 2  # 6 micro-batches
+    with pytest.raises(ValueError, match="constant_with_warmup"):
+        TempFlowGRPOConfig(warmup_steps=5)
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        TempFlowGRPOConfig(lr_scheduler_type="cosine_annealing")

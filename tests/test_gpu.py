@@ -39,7 +39,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from tempflow.attention.block_sparse_kernels import block_sparse_attention
-from tempflow.attention.pruning import TokenPruning, mmdit_blocks
+from tempflow.attention.mmdit import mmdit_blocks
+from tempflow.attention.pruning import TokenPruning
 from tempflow.attention.softpag import SoftPAG
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.testing import REAL_SIZES, build_real_size_policy
@@ -209,7 +210,8 @@ def _trainer(size, output_dir):
 def test_first_inner_step_is_on_policy_and_a_training_iteration_fits(size, tmp_path):
     trainer = _trainer(size, tmp_path)
     with trainer.accelerator.autocast():  # as training_step: rollout and recomputation in the same precision
-        rollout, embeds = trainer.rollout(trainer._sample_prompts())
+        rollout = trainer.rollout(trainer._sample_prompts())
+        embeds = rollout.embeds
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad(), trainer.accelerator.autocast():
         _, stats = trainer.compute_loss(rollout.transitions, embeds)  # all rows in one batch, unlike the rollout

@@ -16,7 +16,6 @@ from tempflow.attention.pruning import (
     apply_token_pruning,
     gather_rotary,
     remove_token_pruning,
-    token_pruning,
 )
 from tempflow.testing import (
     TINY_MMDIT_TEXT_LEN,
@@ -24,6 +23,7 @@ from tempflow.testing import (
     rollout_and_recomputed_log_probs,
     seeded_module,
     tiny_mmdit_inputs,
+    token_pruning,
 )
 
 BATCH, TEXT_LEN, IMAGE_TOKENS = 3, TINY_MMDIT_TEXT_LEN, 16

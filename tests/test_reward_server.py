@@ -22,8 +22,6 @@ import pytest
 import torch
 
 from tempflow.rewards import get_reward, to_uint8
-from tempflow.rewards.async_scoring import AsyncRewardScorer
-from tempflow.rewards.combined import RewardError
 from tempflow.rewards.remote import TOKEN_ENV, RemoteRewardError, encode_png, images_from_uint8
 from tempflow.rewards.server import DEFAULT_MAX_IMAGE_PIXELS, RewardServer, main
 from tempflow.shapes.world import render_scene, sample_prompt
@@ -110,38 +108,6 @@ def exchange(server, data: bytes, wait_s: float = 10.0, hang_up: bool = False):
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
     return int(status_line.split()[1]), headers, json.loads(body) if body else None, elapsed
-
-
-# ------------------------------------------------------------------------------------------- async scoring
-
-
-def test_async_scoring_matches_sync_scoring_in_order():
-    def slow_brightness(images, prompts, **metadata):
-        time.sleep(0.05 if images.shape[0] == 3 else 0.0)  # the first batch finishes last with two workers
-        return get_reward("brightness")(images, prompts)
-
-    batches = [quantized_images(n, seed=n) for n in (3, 2, 4)]
-    with AsyncRewardScorer(slow_brightness, max_workers=2) as scorer:
-        futures = [scorer.submit(batch, ["p"] * len(batch)) for batch in batches]
-        results = [future.result(timeout=30) for future in futures]
-    assert results == [get_reward("brightness")(batch, ["p"] * len(batch)) for batch in batches]
-
-    images, prompts, specs = shapes_batch(4)
-    with AsyncRewardScorer(get_reward("shapes"), name="shapes") as scorer:
-        assert scorer.submit(images, prompts, spec=specs).result(timeout=30) == get_reward("shapes")(
-            images, prompts, spec=specs
-        )
-
-
-def test_async_scoring_errors_name_the_reward():
-    def broken(images, prompts, **metadata):
-        raise ValueError("model exploded")
-
-    with AsyncRewardScorer(broken, name="boom") as scorer:
-        future = scorer.submit(torch.zeros(2, 3, 4, 4), ["a", "b"])
-        with pytest.raises(RewardError, match="'boom' raised ValueError: model exploded"):
-            future.result(timeout=30)
-        assert AsyncRewardScorer(broken).name == "broken"
 
 
 # ---------------------------------------------------------------------------------------- server and client

@@ -3,11 +3,18 @@
 import pytest
 import torch
 
-from tempflow.rollout import RolloutEngine, branch_reward_table, coarsen_schedule
+from tempflow.rollout import RolloutEngine, coarsen_schedule
 from tempflow.sampling import sde_step
 
 N, G = 4, 3
 PROMPTS = ["a red square", "two blue circles"]
+
+
+def branch_reward_table(rewards: torch.Tensor, num_branch_steps: int, num_children: int) -> torch.Tensor:
+    """Rewards of a branched rollout as a ``[trajectories·G, branch steps]`` table: column b holds the G
+    children of every trajectory branched at the b-th branch step."""
+    table = rewards.reshape(-1, num_branch_steps, num_children)
+    return table.permute(0, 2, 1).reshape(-1, num_branch_steps)
 
 
 def _count_model_rows(policy):

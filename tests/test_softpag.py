@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGIdent
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from tempflow.attention import softpag as softpag_module
-from tempflow.attention.pruning import PerSampleRotaryFluxAttnProcessor, TokenPruning, token_pruning
+from tempflow.attention.pruning import PerSampleRotaryFluxAttnProcessor, TokenPruning
 from tempflow.attention.softpag import (
     SoftPAG,
     SoftPAGFluxAttnProcessor,
@@ -29,6 +29,7 @@ from tempflow.testing import (
     build_tiny_flux_transformer,
     seeded_module,
     tiny_mmdit_inputs,
+    token_pruning,
 )
 
 BATCH, TEXT_LEN, IMAGE_TOKENS = 2, TINY_MMDIT_TEXT_LEN, 16

@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def _lora_weights(directory):
 def test_first_inner_step_is_on_policy(tiny_sd3_dir, tmp_path, guidance_scale):
     trainer = _trainer(_config(tiny_sd3_dir, tmp_path, guidance_scale=guidance_scale, beta=0.1))
     prompts = trainer._sample_prompts()
-    rollout, embeds = trainer.rollout(prompts)
+    rollout = trainer.rollout(prompts)
+    embeds = rollout.embeds
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad():
         _, stats = trainer.compute_loss(rollout.transitions, embeds)
@@ -67,7 +69,8 @@ def test_first_inner_step_is_on_policy(tiny_sd3_dir, tmp_path, guidance_scale):
 def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path, pruning):
     trainer = _trainer(_config(tiny_flux_dir, tmp_path, guidance_scale=3.5, noise_level=0.9, **pruning))
     assert type(trainer.policy.transformer.forward).__name__ == ("TokenPruner" if pruning else "method")
-    rollout, embeds = trainer.rollout(trainer._sample_prompts())
+    rollout = trainer.rollout(trainer._sample_prompts())
+    embeds = rollout.embeds
     trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
     with torch.no_grad():
         _, stats = trainer.compute_loss(rollout.transitions, embeds)
@@ -162,7 +165,7 @@ def test_rollout_options_seeds_subsets_and_prompt_groups(tiny_sd3_dir, tmp_path)
     config = _config(tiny_sd3_dir, tmp_path, seeds_per_prompt=2, num_branch_steps_per_iteration=2,
                      child_num_inference_steps=1, advantage_group="prompt")
     trainer = _trainer(config)
-    rollout, _ = trainer.rollout(trainer._sample_prompts())
+    rollout = trainer.rollout(trainer._sample_prompts())
     trajectories, g = 2 * 2, 3
     assert rollout.num_model_evals == trajectories * (4 + g * 2)  # children finish in one ODE step
     assert len(rollout.final_latents) == trajectories * 2 * g
@@ -178,7 +181,8 @@ def test_bf16_and_gradient_checkpointing_train(tiny_sd3_dir, tmp_path):
     assert trainer.policy.transformer.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.trainable)
     with trainer.accelerator.autocast():
-        rollout, embeds = trainer.rollout(trainer._sample_prompts())
+        rollout = trainer.rollout(trainer._sample_prompts())
+        embeds = rollout.embeds
         trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
         with torch.no_grad():
             _, stats = trainer.compute_loss(rollout.transitions, embeds)
@@ -232,3 +236,77 @@ def test_ema_offload_keeps_the_ema_on_the_cpu_with_the_same_values(tiny_sd3_dir,
         torch.testing.assert_close(shadow, reference, atol=1e-7, rtol=0)
     # an average of the weights' trajectory, not a copy of the current weights
     assert any(not torch.allclose(s, w) for s, w in zip(offloaded.ema.shadow_params, offloaded.trainable))
+
+
+def test_learning_rate_schedule_warms_up_decays_and_resumes_exactly(tiny_sd3_dir, tmp_path):
+    """Cosine with 2 warmup steps over 3 iterations of 3 optimizer steps (18 rows, micro-batches of 6): the rate
+    of each iteration's last step follows the formula, and a run resumed after iteration 2 continues it."""
+    schedule = dict(lr_scheduler_type="cosine", warmup_steps=2, max_steps=3)
+
+    def expected(step, total=9, warmup=2):
+        factor = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return 1e-2 * factor
+
+    config = _config(tiny_sd3_dir, tmp_path / "straight", **schedule)
+    assert config.optimizer_steps_per_iteration == 3 and config.num_warmup_steps == 2
+    straight = _trainer(config).train()["history"]
+    rates = [h["train/learning_rate"] for h in straight]
+    assert rates == pytest.approx([expected(2), expected(5), expected(8)], rel=1e-6)
+
+    interrupted = _trainer(_config(tiny_sd3_dir, tmp_path / "resumed", **schedule))
+    step = interrupted.training_step
+
+    def stop_after_the_second_iteration():
+        if interrupted.iteration == 1:
+            interrupted._stop_signal = signal.SIGTERM  # as the SIGTERM handler records it
+        return step()
+
+    interrupted.training_step = stop_after_the_second_iteration
+    assert interrupted.train()["iterations"] == 2
+    resumed = _trainer(_config(tiny_sd3_dir, tmp_path / "resumed", **schedule, resume_from_checkpoint="latest")).train()
+    assert [h["train/learning_rate"] for h in resumed["history"]] == rates
+
+
+@pytest.mark.parametrize("loss_mean_over", ["all_rows", "nonzero_advantage_rows"])
+def test_loss_mean_over_all_rows_or_only_those_with_an_advantage(tiny_sd3_dir, tmp_path, loss_mean_over):
+    """At ratio 1 each row's loss is −A·w: the step's loss is their sum over all 18 rows, or over the 15 rows whose
+    group's rewards differ (the 3 siblings of the first branch point all score 1: zero advantage). Rewards
+    (0, 0, 10) per group with advantages clipped to ±1 keep the sum away from 0."""
+    trainer = _trainer(_config(tiny_sd3_dir, tmp_path, loss_mean_over=loss_mean_over, adv_clip_max=1.0))
+    rollout = trainer.rollout(trainer._sample_prompts())
+    embeds = rollout.embeds
+    rewards = torch.tensor([0.0, 0.0, 10.0]).repeat(len(rollout.final_latents) // 3)
+    rewards[rollout.sample_group == rollout.sample_group[0]] = 1.0
+    trainer.compute_advantages(rollout, rewards)
+    rows = rollout.transitions
+    counted = 18 if loss_mean_over == "all_rows" else 15
+    assert len(rows) == 18 and float(rows.loss_mask.sum()) == counted
+    with torch.no_grad():
+        loss, _ = trainer.compute_loss(rows, embeds)  # one micro-batch; optimize scales it by rows / counted rows
+    expected = -(rows.advantages * rows.weights).sum() / counted
+    assert abs(float(expected)) > 0.1
+    assert float(loss) * len(rows) / counted == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_rollout_and_loss_share_one_stochastic_step(tiny_sd3_dir, tmp_path):
+    trainer = _trainer(_config(tiny_sd3_dir, tmp_path, sde_type="cps", noise_level=0.5))
+    batch = trainer.rollout(trainer._sample_prompts())
+    assert batch.step is trainer.step is trainer.engine.step  # the rollout's rows and the loss: one object
+    assert (batch.step.kind, batch.step.noise_level) == ("cps", 0.5)
+
+
+def test_reference_means_are_computed_once_per_rollout(tiny_sd3_dir, tmp_path):
+    """With beta > 0 the reference policy (adapter off) is entered once per iteration, with the rollout, not for
+    each of the 6 micro-batches of the 2 inner epochs."""
+    trainer = _trainer(_config(tiny_sd3_dir, tmp_path, beta=0.1, num_iterations=2, max_steps=1))
+    calls = {"reference": 0}
+    reference = trainer.policy.reference
+
+    def counting_reference():
+        calls["reference"] += 1
+        return reference()
+
+    trainer.policy.reference = counting_reference
+    metrics = trainer.training_step()
+    assert calls["reference"] == 1 and metrics["train/optimizer_steps"] == 2 * 3
+    assert math.isfinite(metrics["train/kl"])

@@ -29,7 +29,11 @@ def infer_family(model_name_or_path: str) -> str:
 
 
 def load_policy(model_name_or_path: str, family: str = "auto", **kwargs) -> FlowPolicy:
-    """Load a pipeline with ``from_pretrained`` and wrap it in its family's policy."""
+    """Load a pipeline with ``from_pretrained`` and wrap it in its family's policy. ``model_name_or_path`` may
+    also be a registered pipeline name (``shapes``, see :mod:`tempflow.registry`)."""
+    from ..registry import resolve_pipeline
+
+    model_name_or_path = resolve_pipeline(model_name_or_path)
     family = infer_family(model_name_or_path) if family == "auto" else family
     return POLICY_CLASSES[family].from_pretrained(model_name_or_path, **kwargs)
 

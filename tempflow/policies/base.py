@@ -70,6 +70,8 @@ class FlowPolicy:
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self._frozen_reference: torch.nn.Module | None = None
         self.softpag = None
+        self.cfg_uncond_gradient = True
+        """Whether gradients flow through CFG's unconditional prediction (see ``classifier_free_guidance``)."""
         self.compiled = False
         self.compile_batch_buckets: tuple[int, ...] = ()
         self.attention_backend = "sdpa"
@@ -221,13 +223,6 @@ class FlowPolicy:
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-
-    def offload_text_encoders(self, device="cpu") -> None:
-        """Move the text encoders off the accelerator (after the prompts are encoded and cached)."""
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.pipeline, name, None)
-            if module is not None:
-                module.to(device)
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         raise NotImplementedError
@@ -432,7 +427,13 @@ def expand_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     return values.expand(batch_size, *values.shape[1:])
 
 
-def classifier_free_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def classifier_free_guidance(
+    v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float, uncond_gradient: bool = True
+) -> torch.Tensor:
+    """``v_uncond + scale·(v_cond − v_uncond)``. With ``uncond_gradient`` off the unconditional prediction is a
+    constant to autograd: the gradient reaches the model through the conditional branch alone (× ``scale``)."""
+    if not uncond_gradient:
+        v_uncond = v_uncond.detach()
     return v_uncond + scale * (v_cond - v_uncond)
 
 

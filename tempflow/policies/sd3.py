@@ -80,4 +80,5 @@ class SD3Policy(FlowPolicy):
             pooled_projections=torch.cat([expand_batch(negative.tensors["pooled_prompt_embeds"], batch), pooled]).to(dtype),
         )
         uncond, cond = prediction.chunk(2)
-        return self._softpag_guidance(model, classifier_free_guidance(uncond, cond, self.guidance_scale), cond, conditional)
+        guided = classifier_free_guidance(uncond, cond, self.guidance_scale, self.cfg_uncond_gradient)
+        return self._softpag_guidance(model, guided, cond, conditional)

@@ -50,8 +50,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from tempflow.testing import build_t5_tokenizer, tiny_t5_config
-
+from ..offline_tokenizers import build_t5_tokenizer, tiny_t5_config
 from .detector import strict_score
 from .world import BACKGROUND, COLORS, MAX_OBJECTS, SHAPES, TASKS, VOCABULARY, load_prompt_set, render_scene
 
@@ -185,10 +184,6 @@ def build_shapes_pipeline(seed: int = 0, patch_size: int = PATCH_SIZE) -> Stable
         tokenizer_3=t5_tokenizer,
         **modules,
     )
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------- data

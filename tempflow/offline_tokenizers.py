@@ -1,0 +1,112 @@
+"""Tokenizers and a text-encoder config built offline, for ShapesWorld's pipeline and the test pipelines: the real
+CLIP BPE tokenizer from the vocabulary open-clip ships, and a T5-style word-level Unigram tokenizer trained on
+nothing (one token per given word, characters as the fallback)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import string
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from transformers import CLIPTokenizer, T5Config, T5TokenizerFast
+
+_CLIP_MERGES = 49152 - 256 - 2  # the merges open-clip's SimpleTokenizer keeps
+_T5_MAX_LENGTH = 512
+_T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+_DEFAULT_T5_WORDS = (
+    "a an the of and with on in to next above below left right top bottom photo picture image "
+    "one two three four five six seven eight nine ten "
+    "red green blue yellow orange purple pink black white gray brown "
+    "square circle triangle star hexagon rectangle cube sphere cat dog"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(c) for b, c in zip(printable + others, printable + [256 + i for i in range(len(others))])}
+
+
+@functools.cache
+def _clip_vocab_dir() -> tempfile.TemporaryDirectory:
+    """``vocab.json`` + ``merges.txt`` built, as open-clip does, from the BPE file open-clip ships."""
+    package_dir = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    with gzip.open(Path(package_dir) / "bpe_simple_vocab_16e6.txt.gz") as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : _CLIP_MERGES + 1]
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    directory = tempfile.TemporaryDirectory(prefix="tempflow-clip-tokenizer-")
+    (Path(directory.name) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (Path(directory.name) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
+def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """The real CLIP tokenizer (49408 tokens, bos 49406, eos = pad 49407), padding to ``max_length``."""
+    return CLIPTokenizer.from_pretrained(_clip_vocab_dir().name, model_max_length=max_length)
+
+
+def _t5_backend(words: tuple[str, ...]) -> Tokenizer:
+    """A SentencePiece-style Unigram tokenizer: one piece per word, characters as the fallback."""
+    pieces = [(t, 0.0) for t in _T5_SPECIAL_TOKENS] + [("▁", -5.0)]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -10.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    backend = Tokenizer(Unigram(pieces, unk_id=_T5_SPECIAL_TOKENS.index("<unk>")))
+    metaspace = {"replacement": "▁", "prepend_scheme": "always", "split": True}
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    backend.decoder = decoders.Metaspace(**metaspace)
+    eos_id = _T5_SPECIAL_TOKENS.index("</s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
+    )
+    return backend
+
+
+def build_t5_tokenizer(
+    vocab_words: list[str] | None = None, model_max_length: int = _T5_MAX_LENGTH
+) -> T5TokenizerFast:
+    """A T5-style tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) whose vocabulary is ``vocab_words``, each one
+    token, plus single ASCII characters; defaults to colours, shapes, counts and spatial words."""
+    words = tuple(vocab_words) if vocab_words is not None else tuple(_DEFAULT_T5_WORDS)
+    pad, eos, unk = _T5_SPECIAL_TOKENS
+    return T5TokenizerFast(
+        tokenizer_object=_t5_backend(words),
+        pad_token=pad,
+        eos_token=eos,
+        unk_token=unk,
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_t5_config(tokenizer: T5TokenizerFast, d_model: int) -> T5Config:
+    """A two-layer T5 encoder config sized by ``d_model`` (shared by the test pipelines and ShapesWorld)."""
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )

@@ -1,0 +1,218 @@
+"""How a trainer is built: prompts and rewards, the accelerator (with DeepSpeed's glue, also on CPUs), the policy
+with its attention settings, the trainable weights, the optimizer with its learning-rate schedule, the EMA, and the
+run directory. :class:`SetupMixin` holds the steps that ``TempFlowGRPOTrainer.__init__`` runs in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+from diffusers.optimization import get_scheduler
+
+from .attention.block_sparse import BlockSparse
+from .attention.pruning import TokenPruning
+from .policies import FlowPolicy, load_policy
+from .prompts import load_prompts, spread_subset
+from .run_directory import TRACKER_PROJECT, remove_previous_run
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _quiet_deepspeed_cpu_notice() -> None:
+    """DeepSpeed, when installed, is imported by accelerate on every run (to recognise its engine) and then logs
+    "Setting accelerator to CPU" on a machine without a GPU, whether or not the run uses DeepSpeed."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
+_quiet_deepspeed_cpu_notice()
+
+
+def record_deepspeed_ranks_on_cpu() -> None:
+    """Let ``accelerate launch`` with a DeepSpeed config run on a machine without GPUs (the tests do, over gloo).
+
+    accelerate (1.15) picks a collective backend only for an accelerator device; on CPUs it still has DeepSpeed
+    start its process group (DeepSpeed falls back to gloo) but then records a single process ("no backend == no
+    distributed training" in ``PartialState``), so every rank would act as the main one. This records the real
+    ranks; it does nothing wherever accelerate found a backend itself."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or "LOCAL_RANK" not in os.environ:
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.backend is not None or not torch.distributed.is_initialized():
+        return
+    state.backend = torch.distributed.get_backend()
+    state.num_processes = torch.distributed.get_world_size()
+    state.process_index = torch.distributed.get_rank()
+    state.local_process_index = int(os.environ["LOCAL_RANK"])
+    state.distributed_type = DistributedType.DEEPSPEED
+
+
+class SetupMixin:
+    """The building steps of :class:`~tempflow.trainer.TempFlowGRPOTrainer` (see its ``__init__``)."""
+
+    def _load_prompts(self, train_prompts: list[dict] | None, eval_prompts: list[dict] | None) -> None:
+        config = self.config
+        self.train_prompts = train_prompts if train_prompts is not None else load_prompts(config.train_prompts)
+        if eval_prompts is None and config.eval_prompts not in (None, "", "none"):
+            eval_prompts = load_prompts(config.eval_prompts)
+        self.eval_prompts = spread_subset(eval_prompts or [], config.num_eval_prompts)
+
+    def _build_rewards(self, reward_funcs: dict | None) -> None:
+        from .rewards.combined import CombinedReward
+
+        config = self.config
+        if reward_funcs is None:
+            self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights,
+                                                    config.reward_error_policy, config.reward_kwargs,
+                                                    config.reward_timeout)
+        else:
+            self.reward = CombinedReward(reward_funcs, config.reward_weights, config.reward_error_policy,
+                                         config.reward_timeout)
+        self.eval_reward = None
+        if config.eval_reward_funcs:
+            self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs)
+
+    def _build_policy(self, policy: FlowPolicy | None) -> None:
+        """Load the policy (unless given) and set what holds for rollouts and recomputation alike: attention
+        kernel, CFG gradient, token pruning or block-sparse attention."""
+        config = self.config
+        with self._loading_whole_models():
+            self.policy = policy or load_policy(
+                config.model_name_or_path,
+                family=config.model_family,
+                torch_dtype=_DTYPES[config.mixed_precision],
+                resolution=config.resolution,
+                guidance_scale=config.guidance_scale,
+                max_sequence_length=config.max_sequence_length,
+            )
+        self.policy.to(self.accelerator.device)
+        self.policy.set_attention_backend(config.attention_backend)
+        self.policy.cfg_uncond_gradient = config.cfg_uncond_gradient
+        if config.token_pruning_layers:
+            self.policy.set_token_pruning(
+                TokenPruning(tuple(config.token_pruning_layers), config.token_pruning_keep_ratio)
+            )
+        if config.block_sparse_density < 1:
+            self.policy.set_block_sparse(BlockSparse(
+                config.block_sparse_density, tuple(config.block_sparse_tile), tuple(config.block_sparse_layers),
+                config.block_sparse_gate, config.block_sparse_delta_correction, config.block_sparse_kernel,
+            ))
+
+    def _prepare_optimization(self) -> None:
+        """AdamW over the trainable weights with its learning-rate schedule, the transformer and optimizer
+        prepared by accelerate, the EMA and the LoRA checkpoint hooks."""
+        config = self.config
+        optimizer = torch.optim.AdamW(
+            self.trainable,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler_type, optimizer, num_warmup_steps=config.num_warmup_steps,
+            num_training_steps=config.max_steps * config.optimizer_steps_per_iteration,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.policy.transformer, optimizer)
+        self.ema = None
+        if config.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self._ema_inputs(), decay=config.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
+        if config.use_lora:
+            self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
+            self.accelerator.register_load_state_pre_hook(self._load_lora_hook)
+
+    def _start_run_directory(self) -> None:
+        config = self.config
+        if self.accelerator.is_main_process:
+            if config.overwrite_output_dir and not config.resume_from_checkpoint:
+                remove_previous_run(config.output_dir)  # only now that the run is ready to start
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        if config.report_to != "none":
+            self.accelerator.init_trackers(TRACKER_PROJECT, config={k: str(v) for k, v in asdict(config).items()})
+
+    def _setup_trainable(self) -> list[torch.nn.Parameter]:
+        config = self.config
+        if config.use_lora:
+            trainable = self.policy.add_lora(config.lora_r, config.lora_alpha, config.lora_init, config.lora_target_modules)
+        else:
+            if config.beta > 0:
+                self.policy.keep_frozen_reference()
+            self.policy.transformer.requires_grad_(True)
+            trainable = list(self.policy.transformer.parameters())
+        if config.gradient_checkpointing:
+            self.policy.transformer.enable_gradient_checkpointing()
+        return trainable
+
+    def _compile_transformer(self) -> None:
+        """Compile the one transformer module that rollouts, recomputation and evaluation call: after LoRA,
+        gradient checkpointing, token pruning and the frozen reference copy (which stays eager) are in place,
+        before ``accelerator.prepare`` wraps it and before its first call."""
+        config = self.config
+        if self.deepspeed_zero_stage == 3:
+            raise ValueError("compile_transformer is not supported with DeepSpeed ZeRO-3, whose hooks gather sharded "
+                             "weights around every module call; use ZeRO-2 or turn compilation off")
+        self.policy.compile_transformer(config.compile_backend, config.compile_mode, config.compile_batch_buckets)
+
+    @contextlib.contextmanager
+    def _loading_whole_models(self):
+        """Under ZeRO-3, accelerate registers its DeepSpeed config with transformers, which then shards every model
+        it loads (``zero.Init``). The text encoders run outside DeepSpeed's engine, so the pipeline is loaded whole;
+        the transformer is sharded when it is prepared."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
+
+    def _configure_deepspeed(self) -> None:
+        """Write the recipe's micro-batch size, accumulation and clipping into accelerate's DeepSpeed config
+        (there is no dataloader to infer them from), and refuse what ZeRO-3's sharded weights cannot do."""
+        config = self.config
+        plugin = self.accelerator.state.deepspeed_plugin
+        self.deepspeed_zero_stage = plugin.zero_stage
+        if plugin.zero_stage == 3:
+            if config.use_lora or config.use_ema:
+                raise ValueError(
+                    "DeepSpeed ZeRO-3 is supported for full fine-tuning (use_lora: false) without EMA: LoRA export and "
+                    "the EMA read the trained weights whole, which ZeRO-3 shards; use ZeRO-2 for those"
+                )
+            if len(self.eval_prompts) % self.accelerator.num_processes:
+                raise ValueError(
+                    f"DeepSpeed ZeRO-3 needs the same number of evaluation prompts on every process (every forward "
+                    f"gathers the sharded weights from all of them): num_eval_prompts ({len(self.eval_prompts)}) must "
+                    f"be a multiple of the {self.accelerator.num_processes} processes"
+                )
+        ds_config = plugin.deepspeed_config
+        ds_config.update({
+            "train_micro_batch_size_per_gpu": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "train_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps
+            * self.accelerator.num_processes,
+            "gradient_clipping": config.max_grad_norm,
+        })
+        if ds_config.get("bf16", {}).get("enabled"):  # skip non-finite steps, as the trainer does without DeepSpeed
+            ds_config["bf16"]["check_grad_overflow"] = True
+
+    def _ema_inputs(self) -> list[torch.Tensor]:
+        """The trainable weights as the EMA reads them: with ``ema_offload``, copies in CPU memory, where the EMA
+        lives and is updated (``requires_grad`` is kept: EMAModel copies, rather than averages, frozen weights)."""
+        if not self.config.ema_offload:
+            return self.trainable
+        return [p.detach().to("cpu").requires_grad_(p.requires_grad) for p in self.trainable]
