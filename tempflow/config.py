@@ -182,15 +182,15 @@ class TempFlowGRPOConfig:
     )
     cfg_uncond_gradient: bool = _help(
         "SD3 with CFG: whether the loss's gradient also flows through the unconditional prediction "
-        "(TempFlow-GRPO's code: yes). False detaches it, so only the conditional branch is trained (× the CFG "
-        "scale), as Flow-GRPO does. No effect without CFG (FLUX, guidance_scale 1).",
+        "(TempFlow-GRPO's and Flow-GRPO's SD3 training code: yes). False detaches it, so only the conditional "
+        "branch is trained (× the CFG scale). No effect without CFG (FLUX, guidance_scale 1).",
         default=True,
     )
     loss_mean_over: str = _help(
         "Which rows the loss averages over. `all_rows`: every training row. `nonzero_advantage_rows`: rows whose "
-        "advantage is zero (their group's rewards are all equal, or their sample went unscored) are dropped before "
-        "micro-batching, as the Flow-GRPO and TempFlow-GRPO codes drop such samples: the remaining rows' loss is "
-        "not diluted, and the iteration may take fewer optimizer steps.",
+        "advantage is zero (their group's rewards are all equal, or their sample went unscored) leave the loss "
+        "mean, as the Flow-GRPO and TempFlow-GRPO codes drop such samples: the other rows' loss is not diluted. "
+        "Rows stay in their micro-batches (masked), so every process takes the same optimizer steps.",
         default="all_rows",
     )
 
