@@ -1,6 +1,6 @@
 #!/bin/sh
 # Pretrain a patch-2 ShapesWorld transformer (64 image tokens) on the GPU machine, on the shipped pipeline's VAE
-# and text encoders (issue 16: "base capacity"; about 3 hours on 2 CPU cores, minutes on one GPU).
+# and text encoders (issue 16: "base capacity"; about 35 min on 2 idle CPU cores, minutes on one GPU).
 #
 # On the device, after the wheel install of BENCHMARKS.md's GPU suite command:
 #   sh benchmarks/gpu_pretrain_shapes.sh     (STEPS=20000 BATCH=32 SNAPSHOT=2500 LIMIT=480 seconds by default)
