@@ -5,7 +5,7 @@ budget of transformer evaluations (one latent through the transformer counts onc
 strict accuracy (GenEval-style) and mean partial reward are measured at evaluation marks along the way, and
 the results are written as JSON, a Markdown table and a PNG plot (versus evaluations and versus wall-clock).
 
-    python benchmarks/shapes_compare.py --budget 40000 --seeds 0 1 2 --output-dir outputs/bench
+    python benchmarks/shapes_compare.py --budget 34000 --eval-every 8500 --seeds 0 1 2 --output-dir outputs/bench
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ METHODS = {
     "flow_grpo": {"algorithm": "flow_grpo"},
     "tempflow_no_branching": {"branching": False},
     "tempflow_no_weighting": {"noise_aware_weighting": False},
+    # advantages over all children of a prompt at a step (two seeds per prompt) instead of one seed's siblings
+    "tempflow_prompt_groups": {"advantage_group": "prompt", "seeds_per_prompt": 2},
 }
+REFERENCE = "flow_grpo"  # evaluations-to-reach is measured against this method's final accuracy
 ACCURACY, REWARD = "eval/shapes_strict", "eval/shapes"
 
 
@@ -36,6 +39,10 @@ def run(method: str, seed: int, budget: int, eval_every: int, base: dict, output
     values = {**base, **METHODS[method], "seed": seed, "max_steps": 10**9, "save_steps": 10**9,
               "output_dir": str(output_dir / f"{method}-seed{seed}"), "overwrite_output_dir": True,  # runs start afresh
               "disable_progress_bar": True}
+    if values.get("algorithm") == "flow_grpo":
+        # Flow-GRPO's own scripts accumulate gradients over every trained timestep of a sample batch (accelerate's
+        # gradient_accumulation_steps = samples x num_train_timesteps): one optimizer step per iteration's rows
+        values["gradient_accumulation_steps"] = values.get("sde_window_size") or values["num_inference_steps"] - 1
     trainer = TempFlowGRPOTrainer(TempFlowGRPOConfig(**values))
     points = [{"model_evals": 0, "seconds": 0.0, **trainer.evaluate("start")}]
     used, seconds, next_mark = 0, 0.0, eval_every
@@ -72,12 +79,44 @@ def summarise(results: dict, budget: int, eval_every: int) -> list[dict]:
     return rows
 
 
+def evaluations_to_reach(points: list[dict], target: float) -> float | None:
+    """Transformer evaluations at which a run's accuracy first reaches ``target``, interpolated linearly between
+    evaluation points; ``None`` when it never does."""
+    for before, after in zip(points, points[1:]):
+        if after[ACCURACY] >= target > before[ACCURACY]:
+            share = (target - before[ACCURACY]) / (after[ACCURACY] - before[ACCURACY])
+            return before["model_evals"] + share * (after["model_evals"] - before["model_evals"])
+    return 0.0 if points and points[0][ACCURACY] >= target else None
+
+
+def reach_table(results: dict) -> tuple[float, list[dict]]:
+    """Per method: the evaluations its runs need to reach the reference method's final mean accuracy (mean ± std
+    over the seeds that reach it, and how many do)."""
+    target = float(np.mean([points[-1][ACCURACY] for points in results[REFERENCE].values()]))
+    rows = []
+    for method, runs in results.items():
+        reached = [e for e in (evaluations_to_reach(points, target) for points in runs.values()) if e is not None]
+        rows.append({"method": method, "target": target, "reached": len(reached), "seeds": len(runs),
+                     "evals_mean": float(np.mean(reached)) if reached else None,
+                     "evals_std": float(np.std(reached)) if reached else None})
+    return target, rows
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | evaluations | strict accuracy (mean ± std) | partial reward | train seconds |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | "
                      f"{r['reward_mean']:.3f} | {r['seconds_mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def markdown_reach_table(target: float, rows: list[dict]) -> str:
+    lines = [f"Evaluations to reach {REFERENCE}'s final accuracy ({target:.3f}):", "",
+             "| method | evaluations (mean ± std over the seeds that reach it) | seeds reaching it |", "|---|---|---|"]
+    for r in rows:
+        evals = "never" if r["evals_mean"] is None else f"{r['evals_mean']:.0f} ± {r['evals_std']:.0f}"
+        lines.append(f"| {r['method']} | {evals} | {r['reached']} of {r['seeds']} |")
     return "\n".join(lines)
 
 
@@ -96,6 +135,9 @@ def plot(results: dict, path: Path) -> None:
             y = np.array([c[1][:length] for c in curves])
             ax.plot(x, y.mean(0), marker="o", label=method)
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+    if REFERENCE in results:
+        target = np.mean([points[-1][ACCURACY] for points in results[REFERENCE].values()])
+        axes[0].axhline(target, color="gray", linestyle="--", linewidth=1, label=f"{REFERENCE} final")
     axes[0].set_xlabel("transformer evaluations")
     axes[1].set_xlabel("training wall-clock (s)")
     for ax in axes:
@@ -133,8 +175,13 @@ def main(argv=None) -> None:
             # written after every run, so an interrupted benchmark keeps what it measured
             results_path.write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
     rows = summarise(results, args.budget, args.eval_every)
-    results_path.write_text(json.dumps({"args": vars(args), "runs": results, "summary": rows}, indent=2))
+    summary = {"args": vars(args), "runs": results, "summary": rows}
     table = markdown_table(rows)
+    if REFERENCE in results:
+        target, reach = reach_table(results)
+        summary["evaluations_to_reach"] = reach
+        table += "\n\n" + markdown_reach_table(target, reach)
+    results_path.write_text(json.dumps(summary, indent=2))
     (output_dir / "table.md").write_text(table + "\n")
     plot(results, output_dir / "accuracy.png")
     print(table)

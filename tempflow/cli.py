@@ -78,9 +78,9 @@ def evaluate(args) -> dict:
     import dataclasses
     import json
 
-    from .evaluation import best_of_samples, sample_prompt_set, score_images, scores_by_task, task_labels
+    from .evaluation import best_of_samples, sample_prompt_set, score_images, scores_by_task
     from .plots import save_image_grid
-    from .prompts import load_prompts
+    from .prompts import load_prompts, task_labels
     from .rewards.combined import CombinedReward
 
     records = load_prompts(args.prompts)[: args.limit]

@@ -98,6 +98,11 @@ class TempFlowGRPOConfig:
         "Evaluate on n held-out prompts spread evenly over the file (every task keeps its share); default all.",
         default=None,
     )
+    prompt_tasks: list[str] | None = _help(
+        "Keep only the train and eval prompts of these tasks (a record's `task` or `tag` key, or a ShapesWorld "
+        "spec's task: single_object, two_objects, counting, colors, position, color_attr); default all.",
+        default=None,
+    )
     reward_funcs: list[str] = _help(
         "Registered reward names or `package.module:function` paths.", default_factory=lambda: ["shapes"]
     )

@@ -74,20 +74,6 @@ def sample_prompt_set(
     return sample_images(policy, engine, records * samples_per_prompt, seeds, num_steps, progress)
 
 
-def record_task(record: dict) -> str | None:
-    """The task a prompt record belongs to, for per-task scores: a ``task`` key, GenEval's ``tag``, or the task of
-    a ShapesWorld ``spec``; ``None`` when the record names none."""
-    spec = record.get("spec")
-    task = record.get("task") or record.get("tag") or (spec.get("task") if isinstance(spec, dict) else None)
-    return None if task is None else str(task)
-
-
-def task_labels(records: list[dict]) -> list[str] | None:
-    """Each record's task (``"(none)"`` for a record without one), or ``None`` when no record names a task."""
-    labels = [record_task(r) for r in records]
-    return None if all(label is None for label in labels) else [label or "(none)" for label in labels]
-
-
 def scores_by_task(
     components: dict[str, torch.Tensor],
     labels: list[str],

@@ -14,15 +14,26 @@ import torch  # noqa: E402
 
 
 def plot_reward_curve(history: list[dict], path: str | Path, evaluations: list[dict] | None = None,
-                      smoothing: int = 10) -> None:
+                      smoothing: int = 10, task_reward: str | None = None) -> None:
     """Left: the held-out evaluations (``eval/*``: the same prompts and noise every time, so a change is the
-    model's); right: the training reward of the rollouts, per iteration and as a ``smoothing``-iteration moving
-    mean (fresh prompts every iteration make the raw curve too noisy to show a trend)."""
-    fig, (held_out, train) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
-    for key in sorted({k for e in evaluations or [] for k in e if k.startswith("eval/")}):
+    model's); middle, when the prompts carry tasks: ``task_reward`` (default: the first) per task (``eval_task/*``);
+    right: the training reward of the rollouts, per iteration and as a ``smoothing``-iteration moving mean
+    (fresh prompts every iteration make the raw curve too noisy to show a trend)."""
+    evaluations = evaluations or []
+    task_keys = sorted({k for e in evaluations for k in e if k.startswith("eval_task/")})
+    task_reward = task_reward or (task_keys[0].split("/")[1] if task_keys else None)
+    task_keys = [k for k in task_keys if k.split("/")[1] == task_reward]
+    fig, axes = plt.subplots(1, 3 if task_keys else 2, figsize=(16 if task_keys else 11, 4), dpi=120)
+    held_out, train = axes[0], axes[-1]
+    for key in sorted({k for e in evaluations for k in e if k.startswith("eval/")}):
         points = [(e["iteration"], e[key]) for e in evaluations if key in e]
         held_out.plot(*zip(*points), marker="o", label=key.removeprefix("eval/"))
     held_out.set_title("held-out evaluation (fixed prompts and seeds)", fontsize=9)
+    for key in task_keys:
+        points = [(e["iteration"], e[key]) for e in evaluations if key in e]
+        axes[1].plot(*zip(*points), marker="o", label=key.rsplit("/", 1)[1])
+    if task_keys:
+        axes[1].set_title(f"held-out {task_reward} per task", fontsize=9)
     steps = [h["iteration"] for h in history]
     means = [h["reward/mean"] for h in history]
     train.plot(steps, means, color="tab:blue", alpha=0.3, label="per iteration")
@@ -31,7 +42,7 @@ def plot_reward_curve(history: list[dict], path: str | Path, evaluations: list[d
         train.plot(steps[smoothing - 1:], np.convolve(means, window, mode="valid"), color="tab:blue",
                    label=f"mean of {smoothing}")
     train.set_title("training reward (rollouts, fresh prompts each iteration)", fontsize=9)
-    for ax in (held_out, train):
+    for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if ax.has_data():

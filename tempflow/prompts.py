@@ -53,3 +53,31 @@ def metadata_columns(records: list[dict]) -> dict[str, list]:
     """Per-key lists of the records' metadata (every key but ``prompt``), the way rewards receive them."""
     keys = sorted({key for record in records for key in record if key != "prompt"})
     return {key: [record.get(key) for record in records] for key in keys}
+
+
+def record_task(record: dict) -> str | None:
+    """The task a prompt record belongs to, for per-task scores: a ``task`` key, GenEval's ``tag``, or the task of
+    a ShapesWorld ``spec``; ``None`` when the record names none."""
+    spec = record.get("spec")
+    task = record.get("task") or record.get("tag") or (spec.get("task") if isinstance(spec, dict) else None)
+    return None if task is None else str(task)
+
+
+def task_labels(records: list[dict]) -> list[str] | None:
+    """Each record's task (``"(none)"`` for a record without one), or ``None`` when no record names a task."""
+    labels = [record_task(r) for r in records]
+    return None if all(label is None for label in labels) else [label or "(none)" for label in labels]
+
+
+def select_tasks(records: list[dict], tasks: list[str] | None, source: str) -> list[dict]:
+    """The records of ``tasks`` (see :func:`record_task`), all of them when ``tasks`` is None. Raises
+    ``ValueError`` naming ``source`` when a task has no prompt there."""
+    if tasks is None:
+        return records
+    kept = [r for r in records if record_task(r) in tasks]
+    missing = sorted(set(tasks) - {record_task(r) for r in kept})
+    if missing:
+        found = sorted({str(record_task(r)) for r in records})
+        raise ValueError(f"prompt_tasks: {source!r} has no prompt of task(s) {', '.join(missing)}; "
+                         f"its tasks: {', '.join(found)}")
+    return kept

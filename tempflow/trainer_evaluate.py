@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .evaluation import sample_prompt_set, score_images, scores_by_task, task_labels, worst_per_task
+from .evaluation import sample_prompt_set, score_images, scores_by_task, worst_per_task
 from .plots import save_before_after_grid, save_image_grid
+from .prompts import task_labels
 
 BEFORE_IMAGES = "before.safetensors"  # in samples/: the first evaluation's images, for the before/after grid
 

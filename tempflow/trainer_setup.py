@@ -18,7 +18,7 @@ from diffusers.optimization import get_scheduler
 from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .policies import FlowPolicy, load_policy
-from .prompts import load_prompts, spread_subset
+from .prompts import load_prompts, select_tasks, spread_subset
 from .run_directory import TRACKER_PROJECT, remove_previous_run
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,8 +60,11 @@ class SetupMixin:
     def _load_prompts(self, train_prompts: list[dict] | None, eval_prompts: list[dict] | None) -> None:
         config = self.config
         self.train_prompts = train_prompts if train_prompts is not None else load_prompts(config.train_prompts)
+        self.train_prompts = select_tasks(self.train_prompts, config.prompt_tasks, config.train_prompts)
         if eval_prompts is None and config.eval_prompts not in (None, "", "none"):
             eval_prompts = load_prompts(config.eval_prompts)
+        if eval_prompts:
+            eval_prompts = select_tasks(eval_prompts, config.prompt_tasks, str(config.eval_prompts))
         self.eval_prompts = spread_subset(eval_prompts or [], config.num_eval_prompts)
 
     def _build_rewards(self, reward_funcs: dict | None) -> None:

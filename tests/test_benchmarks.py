@@ -39,6 +39,15 @@ def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path)
         assert 0.0 <= points[-1]["eval/shapes_strict"] <= 1.0
     assert {row["budget"] for row in results["summary"]} == {0, 300}
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and "flow_grpo" in (tmp_path / "table.md").read_text()
+    assert [row["method"] for row in results["evaluations_to_reach"]] == ["tempflow_grpo", "flow_grpo"]
+
+
+def test_evaluations_to_reach_interpolates_between_marks_and_says_never():
+    module = _load("shapes_compare")
+    points = [{"model_evals": e, "eval/shapes_strict": a} for e, a in ((0, 0.3), (100, 0.35), (200, 0.55))]
+    assert module.evaluations_to_reach(points, 0.45) == 150.0
+    assert module.evaluations_to_reach(points, 0.3) == 0.0  # already there at the start
+    assert module.evaluations_to_reach(points, 0.6) is None
 
 
 def test_attention_benchmark_runs_and_full_density_matches_dense(tmp_path):

@@ -10,14 +10,12 @@ from tempflow.evaluation import (
     SCORING_CHUNK_SIZE,
     best_of_samples,
     evaluation_seeds,
-    record_task,
     sample_images,
     score_images,
     scores_by_task,
-    task_labels,
     worst_per_task,
 )
-from tempflow.prompts import load_prompts, spread_subset
+from tempflow.prompts import load_prompts, record_task, select_tasks, spread_subset, task_labels
 from tempflow.rewards.combined import CombinedReward
 from tempflow.rollout import RolloutEngine
 from tempflow.shapes.world import TASKS
@@ -51,6 +49,16 @@ def test_record_task_reads_task_geneval_tag_and_shapes_spec():
     assert record_task({"prompt": "p", "tag": "position", "include": []}) == "position"
     assert record_task({"prompt": "p", "spec": {"task": "colors", "objects": []}}) == "colors"
     assert record_task({"prompt": "p"}) is None
+
+
+def test_prompt_tasks_keeps_the_named_tasks_in_order_and_names_a_task_that_has_no_prompt():
+    train = load_prompts("shapes:train")
+    kept = select_tasks(train, ["counting", "colors"], "shapes:train")
+    assert {record_task(r) for r in kept} == {"counting", "colors"}
+    assert kept == [r for r in train if record_task(r) in ("counting", "colors")]
+    assert select_tasks(train, None, "shapes:train") is train
+    with pytest.raises(ValueError, match=r"'shapes:train' has no prompt of task\(s\) countng; its tasks: color_attr, colors, counting"):
+        select_tasks(train, ["counting", "countng"], "shapes:train")
 
 
 def test_scores_by_task_averages_each_component_within_its_task_and_skips_nan():

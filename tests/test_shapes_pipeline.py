@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -183,3 +184,18 @@ def test_gpu_pretraining_script_brings_back_a_patch2_transformer(tmp_path):
     assert sorted(p.name for p in back.iterdir()) == ["STEP", "config.json", "diffusion_pytorch_model.safetensors"]
     assert (back / "STEP").read_text().strip() == "2"
     assert json.loads((back / "config.json").read_text())["patch_size"] == 2
+
+
+def test_the_model_cards_quick_check_reproduces(tmp_path):
+    from tempflow.cli import main
+
+    card = (pipeline_path() / "README.md").read_text()
+    quoted = re.search(r"`tempflow eval (--limit \d+ --samples-per-prompt \d+)` gives strict ([\d.]+), pass@2 ([\d.]+), "
+                       r"partial ([\d.]+)", card)
+    assert quoted, "the model card lost its quick-check line"
+    assert main(["eval", *quoted[1].split(), "--rewards", "shapes_strict", "shapes", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    prompts = result["num_prompts"]  # a flipped detection (another CPU's float rounding) moves one image or prompt
+    assert abs(result["rewards"]["shapes_strict"] - float(quoted[2])) <= 1 / (prompts * 2) + 1e-6
+    assert abs(result["best_of_k"]["shapes_strict"] - float(quoted[3])) <= 1 / prompts + 1e-6
+    assert abs(result["rewards"]["shapes"] - float(quoted[4])) <= 0.01
