@@ -1,6 +1,9 @@
 #!/bin/sh
 # Pretrain a patch-2 ShapesWorld transformer (64 image tokens) on the GPU machine, on the shipped pipeline's VAE
 # and text encoders (issue 16: "base capacity"; about 35 min on 2 idle CPU cores, minutes on one GPU).
+# The shipped transformer is itself patch 2 now, so this continues it on clean captions (the model card's stage 2
+# continued; it undoes stage 3's incomplete-caption flaw); a pipeline of another patch size as --init-from
+# (e.g. git show 0b7f432's patch-4 pipeline) would start a fresh transformer instead.
 #
 # On the device, after the wheel install of BENCHMARKS.md's GPU suite command:
 #   sh benchmarks/gpu_pretrain_shapes.sh     (STEPS=20000 BATCH=32 SNAPSHOT=2500 LIMIT=480 seconds by default)
