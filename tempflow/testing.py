@@ -1,6 +1,7 @@
-"""Tiny, randomly initialised SD3 and FLUX pipelines built offline from configs, for fast CPU tests: CLIP
-tokenizers use the real BPE vocabulary shipped with open-clip, T5 tokenizers a small word-level Unigram
-vocabulary, and every model is a few layers of width 8–32 whose float32 weights depend only on ``seed``.
+"""Tiny, randomly initialised SD3, FLUX, Qwen-Image and Wan 2.1 pipelines built offline from configs, for fast CPU
+tests: CLIP tokenizers use the real BPE vocabulary shipped with open-clip, T5/UMT5 tokenizers a small word-level
+Unigram vocabulary, Qwen's a small byte-level BPE vocabulary with Qwen's pre-tokenizer, and every model is a few
+layers of width 8–32 whose float32 weights depend only on ``seed``.
 
 Also real-size transformers (SD3.5-Medium, FLUX.1-dev) with random weights, built from their configs (nothing
 downloaded), and policies around them whose prompt embeddings are random tensors of the real shapes (no text
@@ -16,22 +17,32 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     T5EncoderModel,
     T5TokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
-from .offline_tokenizers import build_clip_tokenizer, build_t5_tokenizer, tiny_t5_config
+from .offline_tokenizers import build_clip_tokenizer, build_qwen_tokenizer, build_t5_tokenizer, tiny_t5_config
 from .policies import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy
 
 
@@ -180,6 +191,77 @@ def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1-dev's: the σ shift grows with the image's token count."""
     return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                            base_image_seq_len=256, max_image_seq_len=4096)
+
+
+# Qwen-Image's and Wan's VAE statistics (their first 4 of 16 channels): decoding must undo this normalisation
+_WAN_STYLE_LATENT_STATS = dict(latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075], latents_std=[2.8184, 1.4541, 2.3275, 2.6558])
+
+
+def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Qwen/Qwen-Image's ``scheduler_config.json``: an exponential shift growing with the image's token count (up to
+    8192 tokens) and the σ schedule stretched to end at 0.02."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+
+
+def build_tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image with a 2-layer Qwen2.5-VL text encoder of width 32 (its vision tower one block of 16, unused), a
+    2-block transformer (2 heads of 16, RoPE axes 4/6/6), an 8× Qwen-Image VAE with 4 latent channels, and the
+    real model's scheduler; 64×64 images are 4×4 packed tokens. Pass ``height``/``width`` (its default is 1024)."""
+    tokenizer = build_qwen_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text_config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": eos,
+                     "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32},
+        vocab_size=len(tokenizer),
+    )
+    return QwenImagePipeline(
+        transformer=seeded_module(seed, lambda: QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        )),
+        scheduler=qwen_image_scheduler(),
+        vae=seeded_module(seed, lambda: AutoencoderKLQwenImage(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            **_WAN_STYLE_LATENT_STATS,
+        )),
+        text_encoder=seeded_module(seed, lambda: Qwen2_5_VLForConditionalGeneration(text_config)),
+        tokenizer=tokenizer,
+    )
+
+
+def build_tiny_wan_transformer(seed: int = 0, num_layers: int = 2) -> WanTransformer3DModel:
+    """Wan 2.1's 3-D transformer with ``num_layers`` blocks of 2 heads of 16, 4 latent channels, text width 32."""
+    return seeded_module(seed, lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, rope_max_seq_len=32,
+    ))
+
+
+def build_tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
+    """Wan 2.1 text-to-video with a 2-layer UMT5 encoder of width 32, a 2-block transformer, a Wan VAE (8× in space,
+    4× in time, 4 latent channels) and the Euler flow-matching scheduler with shift 3 (the published checkpoints'
+    UniPC takes the same ``flow_shift``). 13 frames of 64×64 are 4×8×8 latents, 4×4×4 tokens."""
+    tokenizer = build_t5_tokenizer()
+    t5 = tiny_t5_config(tokenizer, 32)
+    encoder_config = UMT5Config(**{key: getattr(t5, key) for key in (
+        "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+        "dropout_rate", "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id",
+        "decoder_start_token_id")})
+    return WanPipeline(
+        transformer=build_tiny_wan_transformer(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=seeded_module(seed, lambda: AutoencoderKLWan(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            **_WAN_STYLE_LATENT_STATS,
+        )),
+        text_encoder=seeded_module(seed, lambda: UMT5EncoderModel(encoder_config)),
+        tokenizer=tokenizer,
+    )
 
 
 def save_tiny_pipeline(pipeline, directory) -> str:
