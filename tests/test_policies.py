@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_WAN_FRAMES
+from conftest import TINY_WAN_FRAMES, TINY_WAN_SIZE
 from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
 
 from tempflow.policies import FluxPolicy, QwenImagePolicy, SD3Policy, WanPolicy, infer_family, load_policy
@@ -31,7 +31,7 @@ def test_family_is_read_from_model_index(tiny_sd3_dir, tiny_flux_dir, tiny_qwen_
     assert isinstance(load_policy(tiny_sd3_dir), SD3Policy)
     assert isinstance(load_policy(tiny_flux_dir), FluxPolicy)
     assert isinstance(load_policy(tiny_qwen_image_dir), QwenImagePolicy)
-    assert isinstance(load_policy(tiny_wan_dir, num_frames=TINY_WAN_FRAMES), WanPolicy)
+    assert isinstance(load_policy(tiny_wan_dir, resolution=TINY_WAN_SIZE, num_frames=TINY_WAN_FRAMES), WanPolicy)
 
 
 @pytest.mark.parametrize(("name", "family"), [("Qwen/Qwen-Image", "qwen_image"), ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan"),
@@ -115,20 +115,20 @@ def test_qwen_image_ode_sampling_matches_pipeline(tiny_qwen_image_dir, cfg_scale
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
 def test_wan_ode_sampling_matches_pipeline(tiny_wan_dir, guidance_scale):
-    policy = load_policy(tiny_wan_dir, resolution=64, width=96, guidance_scale=guidance_scale, max_sequence_length=16,
+    policy = load_policy(tiny_wan_dir, resolution=32, width=48, guidance_scale=guidance_scale, max_sequence_length=16,
                          num_frames=TINY_WAN_FRAMES)
     noise = torch.cat([policy.initial_noise(torch.Generator().manual_seed(s)) for s in range(2)])
-    assert noise.shape == (2, 4, 4, 8, 12)
+    assert noise.shape == (2, 4, 3, 4, 6)
     ours = _ode_sample(policy, noise, PROMPTS, 4)
     pipe = WanPipeline.from_pretrained(tiny_wan_dir)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(latents=noise, num_inference_steps=4, guidance_scale=guidance_scale, height=64, width=96,
+    kwargs = dict(latents=noise, num_inference_steps=4, guidance_scale=guidance_scale, height=32, width=48,
                   num_frames=TINY_WAN_FRAMES, max_sequence_length=16)
     reference = pipe(PROMPTS, output_type="latent", **kwargs).frames
     assert (reference - noise).abs().max() > 0.1
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
     videos = policy.decode(ours)
-    assert videos.shape == (2, TINY_WAN_FRAMES, 3, 64, 96)
+    assert videos.shape == (2, TINY_WAN_FRAMES, 3, 32, 48)
     torch.testing.assert_close(videos, pipe(PROMPTS, output_type="pt", **kwargs).frames, atol=1e-4, rtol=1e-4)
 
 
@@ -164,8 +164,9 @@ LORA_CALL = {"sd3": dict(max_sequence_length=16), "flux": dict(max_sequence_leng
 def test_saved_lora_loads_at_its_trained_strength(family, request, tmp_path):
     """r != alpha: a loader that ignored the adapter's alpha would load it at r/alpha of its trained strength."""
     directory = request.getfixturevalue(f"tiny_{family}_dir")
+    size = TINY_WAN_SIZE if family == "wan" else 64
     extra = {"num_frames": TINY_WAN_FRAMES} if family == "wan" else {}
-    policy = load_policy(directory, resolution=64, max_sequence_length=16, **extra)
+    policy = load_policy(directory, resolution=size, max_sequence_length=16, **extra)
     trainable = policy.add_lora(r=4, alpha=8)
     assert trainable and all(p.requires_grad and p.dtype == torch.float32 for p in trainable)
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_saved_lora_loads_at_its_trained_strength(family, request, tmp_path):
     policy.save_lora(tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
-    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="latent", **LORA_CALL[family])
+    kwargs = dict(num_inference_steps=2, height=size, width=size, output_type="latent", **LORA_CALL[family])
 
     def generate(pipe):
         output = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs)
@@ -188,7 +189,7 @@ def test_saved_lora_loads_at_its_trained_strength(family, request, tmp_path):
     assert (trained - base).abs().max() > 1e-3
     torch.testing.assert_close(generate(pipe), trained, atol=1e-5, rtol=1e-5)
 
-    reloaded = load_policy(directory, resolution=64, max_sequence_length=16, **extra)
+    reloaded = load_policy(directory, resolution=size, max_sequence_length=16, **extra)
     reloaded.load_lora(tmp_path)  # what `tempflow eval --lora` and `tempflow sample --lora` do
     torch.testing.assert_close(generate(reloaded.pipeline), trained, atol=1e-5, rtol=1e-5)
 
