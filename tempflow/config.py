@@ -480,6 +480,12 @@ class TempFlowGRPOConfig:
         stray = sorted(set(self.reward_kwargs) - set(self.reward_funcs) - set(self.eval_reward_funcs))
         if stray:
             reject("reward_kwargs", f"names rewards that are not used: {stray}")
+        if self.reward_frames is not None:
+            frames = self.num_frames
+            if not self.reward_frames:
+                reject("reward_frames", "must name at least one frame (null: every frame)")
+            if frames is not None and any(not -frames <= f < frames for f in self.reward_frames):
+                reject("reward_frames", f"indices must lie in [-{frames}, {frames - 1}] for num_frames {frames}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
         if self.branched and self.sde_window_size is not None:
