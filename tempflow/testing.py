@@ -307,8 +307,9 @@ QWEN_IMAGE = dict(
 )
 """Qwen/Qwen-Image's transformer (20.43 B parameters): ``QwenImageTransformer2DModel``'s defaults in diffusers 0.42."""
 
-REAL_SIZES = ("sd35m", "flux-dev", "wan-1.3b")
-"""Sizes with a real-size policy (:func:`build_real_size_policy`); ``wan-14b`` and ``qwen-image`` are configs only."""
+REAL_SIZES = ("sd35m", "flux-dev")
+"""The image sizes the GPU tests run. :func:`build_real_size_policy` also builds ``wan-1.3b`` (the GPU suite's video
+step); ``wan-14b`` and ``qwen-image`` are configs only."""
 _TEXT_TOKENS = {"sd35m": 77 + 256, "flux-dev": 512, "wan-1.3b": 512}  # SD3.5: CLIP 77 + T5 256; FLUX: T5; Wan: UMT5
 _MODEL_CLASSES = {"sd35m": SD3Transformer2DModel, "flux-dev": FluxTransformer2DModel, "wan-1.3b": WanTransformer3DModel,
                   "wan-14b": WanTransformer3DModel, "qwen-image": QwenImageTransformer2DModel}

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -319,11 +320,17 @@ class FlowPolicy:
 
     @property
     def image_seq_len(self) -> int:
+        """Image (or video) tokens the transformer sees: the product of :attr:`token_grid`."""
+        return math.prod(self.token_grid)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent shape as the transformer takes it (families that pack latents draw noise their way)."""
         raise NotImplementedError
 
     def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
         """One sample's starting latent ``[1, ...]`` (float32 on CPU) drawn from ``generator``."""
-        raise NotImplementedError
+        return torch.randn((1, *self.latent_shape), generator=generator, dtype=torch.float32)
 
     @property
     def do_cfg(self) -> bool:
@@ -358,6 +365,10 @@ class FlowPolicy:
     def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The guided velocity from CFG's two predictions (a family may rescale it, as Qwen-Image does)."""
         return classifier_free_guidance(uncond, cond, self.guidance_scale, self.cfg_uncond_gradient)
+
+    def _scheduler_timesteps(self, sigmas: torch.Tensor, device) -> torch.Tensor:
+        """σ on the scheduler's training scale (σ·1000), the timestep that SD3's and Wan's transformers take."""
+        return sigmas.to(device, torch.float32) * self.pipeline.scheduler.config.num_train_timesteps
 
     def _transformer_inputs(self, latents: torch.Tensor, sigmas: torch.Tensor, embeds: PromptEmbeds) -> dict:
         """The transformer's keyword inputs for ``latents`` at ``sigmas`` under ``embeds`` (one row each)."""

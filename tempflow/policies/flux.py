@@ -39,10 +39,6 @@ class FluxPolicy(FlowPolicy):
     def token_grid(self) -> tuple[int, int]:
         return (self._latent_hw // 2, self._latent_hw // 2)
 
-    @property
-    def image_seq_len(self) -> int:
-        return (self._latent_hw // 2) ** 2
-
     def _base_sigmas(self, num_steps: int) -> list[float]:
         return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
 

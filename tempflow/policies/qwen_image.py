@@ -61,11 +61,6 @@ class QwenImagePolicy(FlowPolicy):
         height, width = self._latent_hw
         return height // 2, width // 2
 
-    @property
-    def image_seq_len(self) -> int:
-        height, width = self.token_grid
-        return height * width
-
     def _base_sigmas(self, num_steps: int) -> list[float]:
         return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
 

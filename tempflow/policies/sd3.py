@@ -3,7 +3,6 @@ the empty negative prompt as in ``StableDiffusion3Pipeline``."""
 
 from __future__ import annotations
 
-import torch
 from diffusers import StableDiffusion3Pipeline
 
 from .base import FlowPolicy, PromptEmbeds
@@ -39,19 +38,11 @@ class SD3Policy(FlowPolicy):
         patch = self.transformer.config.patch_size
         return (self.latent_shape[1] // patch, self.latent_shape[2] // patch)
 
-    @property
-    def image_seq_len(self) -> int:
-        height, width = self.token_grid
-        return height * width
-
-    def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn((1, *self.latent_shape), generator=generator, dtype=torch.float32)
-
     def _transformer_inputs(self, latents, sigmas, embeds):
         dtype = self.transformer.dtype
         return dict(
             hidden_states=latents.to(dtype),
-            timestep=sigmas.to(latents.device, torch.float32) * self.pipeline.scheduler.config.num_train_timesteps,
+            timestep=self._scheduler_timesteps(sigmas, latents.device),
             encoder_hidden_states=embeds.tensors["prompt_embeds"].to(dtype),
             pooled_projections=embeds.tensors["pooled_prompt_embeds"].to(dtype),
         )

@@ -57,19 +57,11 @@ class WanPolicy(FlowPolicy):
         """Tokens per (frame, height, width) after the transformer's 3-D patches."""
         return tuple(size // patch for size, patch in zip(self.latent_shape[1:], self.transformer.config.patch_size))
 
-    @property
-    def image_seq_len(self) -> int:
-        frames, height, width = self.token_grid
-        return frames * height * width
-
-    def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn((1, *self.latent_shape), generator=generator, dtype=torch.float32)
-
     def _transformer_inputs(self, latents, sigmas, embeds):
         dtype = self.transformer.dtype
         return dict(
             hidden_states=latents.to(dtype),
-            timestep=sigmas.to(latents.device, torch.float32) * self.pipeline.scheduler.config.num_train_timesteps,
+            timestep=self._scheduler_timesteps(sigmas, latents.device),
             encoder_hidden_states=embeds.tensors["prompt_embeds"].to(dtype),
         )
 
