@@ -299,8 +299,9 @@ class TempFlowGRPOConfig:
         default_factory=list,
     )
     token_pruning_layers: list[int] = _help(
-        "Blocks after which image tokens are pruned (Representation Shift, DESIGN §7; FLUX counts double blocks, "
-        "then single blocks). Empty: off. Applies to rollouts and log-prob recomputation alike.",
+        "Blocks after which image (or video) tokens are pruned (Representation Shift, DESIGN §7; SD3, FLUX and Wan; "
+        "FLUX counts double blocks, then single blocks). Empty: off. Applies to rollouts and log-prob recomputation "
+        "alike.",
         default_factory=list,
     )
     token_pruning_keep_ratio: float = _help(

@@ -83,13 +83,17 @@ FAMILY_SETTINGS = {"qwen_image": dict(guidance_scale=4.0),
                    "wan": dict(guidance_scale=5.0, resolution=TINY_WAN_SIZE, num_frames=TINY_WAN_FRAMES)}
 
 
-@pytest.mark.parametrize("family", list(FAMILY_SETTINGS))
-def test_qwen_image_and_wan_branch_at_the_stated_cost_and_start_on_policy(family, request, tmp_path):
-    """With CFG (doubled batches, Qwen-Image's norm rescale, its masked prompts of different lengths) the first inner
-    step recomputes the rollout's log-probs exactly; each seed costs N + G·N(N−1)/2 transformer evaluations (the
-    transformer also sees each training row once more, for the KL reference's means)."""
-    config = _config(request.getfixturevalue(f"tiny_{family}_dir"), tmp_path, beta=0.1, **FAMILY_SETTINGS[family])
+@pytest.mark.parametrize("family, speed", [("qwen_image", {}), ("wan", {}),
+                                           ("wan", dict(token_pruning_layers=[0], token_pruning_keep_ratio=0.5))],
+                         ids=["qwen_image", "wan", "wan-pruned"])
+def test_qwen_image_and_wan_branch_at_the_stated_cost_and_start_on_policy(family, speed, request, tmp_path):
+    """With CFG (doubled batches, Qwen-Image's norm rescale, its masked prompts of different lengths; Wan also with
+    token pruning) the first inner step recomputes the rollout's log-probs exactly; each seed costs N + G·N(N−1)/2
+    transformer evaluations (the transformer also sees each training row once more, for the KL reference's means)."""
+    config = _config(request.getfixturevalue(f"tiny_{family}_dir"), tmp_path, beta=0.1, **FAMILY_SETTINGS[family],
+                     **speed)
     trainer = _trainer(config)
+    assert type(trainer.policy.transformer.forward).__name__ == ("TokenPruner" if speed else "method")
     rows = []
     trainer.policy.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0] // 2), with_kwargs=True)
