@@ -1,10 +1,10 @@
-"""Dense attention backend selection: one setting for SD3 and FLUX, applied to every transformer call.
+"""Dense attention backend selection: one setting for every family, applied to every transformer call.
 
 SD3's attention processor calls ``F.scaled_dot_product_attention`` directly, so the torch SDPA kernels are
-chosen with ``torch.nn.attention.sdpa_kernel`` around the call; FLUX goes through diffusers' attention
-dispatcher, whose native backend calls the same function, so the same context selects its kernel too.
+chosen with ``torch.nn.attention.sdpa_kernel`` around the call; FLUX, Qwen-Image and Wan go through diffusers'
+attention dispatcher, whose native backend calls the same function, so the same context selects its kernel too.
 Backends outside torch SDPA (FlexAttention, SageAttention, flash-attn) are set on the model through the
-dispatcher (``set_attention_backend``), which only FLUX's processors consult in diffusers today.
+dispatcher (``set_attention_backend``), which SD3's processor does not consult.
 
 The policy applies the chosen backend in ``velocity()``, the one path of both rollouts and log-prob
 recomputation, so both passes always use the same kernel (an approximate kernel in one pass only would make
@@ -27,6 +27,8 @@ SDPA_KERNELS = {
     "sdpa_math": SDPBackend.MATH,
 }
 DISPATCHER_BACKENDS = {"flex": "flex", "sage": "sage", "flash_attn": "flash"}
+DISPATCHER_FAMILIES = ("flux", "qwen_image", "wan")
+"""Families whose attention processors call diffusers' dispatcher."""
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
@@ -42,10 +44,10 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
 
 def apply_attention_backend(transformer: torch.nn.Module, family: str, name: str) -> None:
-    """Configure the model for backends that live in diffusers' dispatcher (FLUX only)."""
+    """Configure the model for backends that live in diffusers' dispatcher (not SD3)."""
     if name not in DISPATCHER_BACKENDS:
         return
-    if family != "flux":
+    if family not in DISPATCHER_FAMILIES:
         raise ValueError(
             f"attention backend {name!r} goes through diffusers' attention dispatcher, which SD3's processor "
             f"does not use; for SD3 choose one of {['sdpa', *SDPA_KERNELS]}"

@@ -1,4 +1,5 @@
-"""VSA-style block-sparse attention for MMDiT transformers (SD3 joint attention, FLUX double + single blocks).
+"""VSA-style block-sparse attention for MMDiT transformers (SD3 joint attention, FLUX double + single blocks) and Wan
+2.1's video self-attention (3-D tiles over frames × height × width; its cross-attention to the text stays dense).
 
 Image tokens are grouped into tiles (2-D ``8×8`` = 64 tokens for images, 3-D ``4×4×4`` for video latents) and
 reordered tile by tile. Per sample and head:
@@ -17,10 +18,11 @@ so a sample's output does not depend on its batch: rollouts and log-prob recompu
 differently, compute the same function (and both go through the processors installed here).
 
 :func:`apply_block_sparse` swaps the attention processors of the chosen layers for
-:class:`BlockSparseJointAttnProcessor` (SD3) or :class:`BlockSparseFluxAttnProcessor` (FLUX); they repeat
-diffusers' projections and replace only the attention call. The token grid (latent height × width in tokens) is
-given at install time: FLUX's single blocks see text and image tokens concatenated, and the image tokens are the
-last ``prod(grid)`` of them.
+:class:`BlockSparseJointAttnProcessor` (SD3), :class:`BlockSparseFluxAttnProcessor` (FLUX) or
+:class:`BlockSparseWanAttnProcessor` (Wan's ``attn1``); they repeat diffusers' projections and replace only the
+attention call. The token grid (latent height × width in tokens; frames × height × width for video) is given at
+install time: FLUX's single blocks see text and image tokens concatenated, and the image tokens are the last
+``prod(grid)`` of them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from . import BLOCK_SPARSE, BLOCK_SPARSE_KERNELS
 from .block_sparse_kernels import TRITON_BLOCK_SIZES, TRITON_HEAD_DIMS, block_sparse_attention
@@ -43,6 +46,7 @@ from .mmdit import (
     mmdit_blocks,
     release_token_grid,
 )
+from .wan import wan_attention_output, wan_blocks, wan_self_attentions, wan_self_qkv
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,26 @@ class BlockSparseFluxAttnProcessor(_SparseProcessor):
         return flux_attention_output(attn, out.transpose(1, 2).flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
 
+class BlockSparseWanAttnProcessor(_SparseProcessor):
+    """Wan's ``WanAttnProcessor`` for a block's self-attention (``attn1``: video tokens only, 3-D RoPE), with
+    block-sparse attention over the tiles of the frames × height × width token grid."""
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("block-sparse Wan attention replaces self-attention only (no text, no mask)")
+        query, key, value = wan_self_qkv(attn, hidden_states, rotary_emb)
+        out, _ = self.attend([x.transpose(1, 2) for x in (query, key, value)], None)
+        return wan_attention_output(attn, out.transpose(1, 2).flatten(2).type_as(query))
+
+
+# family: (its blocks, a block's attentions that go sparse, the processor replaced, the sparse processor)
+_LAYOUTS = {
+    "sd3": (mmdit_blocks, block_attentions, JointAttnProcessor2_0, BlockSparseJointAttnProcessor),
+    "flux": (mmdit_blocks, block_attentions, FluxAttnProcessor, BlockSparseFluxAttnProcessor),
+    "wan": (wan_blocks, wan_self_attentions, WanAttnProcessor, BlockSparseWanAttnProcessor),
+}
+
+
 def apply_block_sparse(transformer: torch.nn.Module, family: str, sparse: BlockSparse | None, grid) -> None:
     """Make the chosen blocks' attention block-sparse for a token ``grid`` (or restore dense with None).
 
@@ -239,20 +263,19 @@ def apply_block_sparse(transformer: torch.nn.Module, family: str, sparse: BlockS
     remove_block_sparse(transformer)
     if sparse is None:
         return
-    if family not in ("sd3", "flux"):
-        raise ValueError(f"block-sparse attention supports the families ['sd3', 'flux'], got {family!r}")
+    if family not in _LAYOUTS:
+        raise ValueError(f"block-sparse attention supports the families {list(_LAYOUTS)}, got {family!r}")
     tile_order(tuple(grid), sparse.tile)  # validates grid against tile
-    blocks = [block_attentions(block) for block in mmdit_blocks(transformer)]
+    list_blocks, attentions, expected, processor_class = _LAYOUTS[family]
+    blocks = [attentions(block) for block in list_blocks(transformer)]
     bad = [layer for layer in sparse.layers if layer >= len(blocks)]
     if bad:
         raise ValueError(f"block-sparse layers {bad} out of range: this transformer has {len(blocks)} blocks")
     claim_token_grid(transformer, BLOCK_SPARSE)
-    processor_class = BlockSparseJointAttnProcessor if family == "sd3" else BlockSparseFluxAttnProcessor
     for index, modules in enumerate(blocks):
         if sparse.layers and index not in sparse.layers:
             continue
         for module in modules:
-            expected = FluxAttnProcessor if family == "flux" else JointAttnProcessor2_0
             if type(module.processor) is not expected:
                 raise ValueError(
                     f"block-sparse attention replaces {expected.__name__}, found {type(module.processor).__name__}"
@@ -270,4 +293,5 @@ def remove_block_sparse(transformer: torch.nn.Module) -> None:
     release_token_grid(transformer, BLOCK_SPARSE)
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), _SparseProcessor):
-            module.set_processor(FluxAttnProcessor() if isinstance(module, FluxAttention) else JointAttnProcessor2_0())
+            default = {FluxAttention: FluxAttnProcessor, WanAttention: WanAttnProcessor}.get(type(module), JointAttnProcessor2_0)
+            module.set_processor(default())

@@ -1,4 +1,5 @@
-"""Representation-Shift token pruning for MMDiT transformers (SD3 joint blocks, FLUX double + single blocks).
+"""Representation-Shift token pruning for MMDiT transformers (SD3 joint blocks, FLUX double + single blocks) and Wan
+2.1's video transformer (self-attention, cross-attention to the text and MLP per block).
 
 A token's importance is the size of the update a block applies to it. After each chosen block we take
 ``‖h_out − h_in‖₂`` per image token, i.e. the block's whole residual update of the image stream (attention
@@ -16,7 +17,9 @@ the kept tokens' path and the pruned tokens' frozen states; the choice of tokens
 diffusers' loop over the real modules (embedders, blocks, ``norm_out``, ``proj_out``). FLUX applies RoPE
 inside attention from one table shared by the batch; with per-sample token sets that table becomes
 ``[B, S, D]`` (its text rows plus the kept image rows of each sample), which
-:class:`PerSampleRotaryFluxAttnProcessor` applies.
+:class:`PerSampleRotaryFluxAttnProcessor` applies. Wan's blocks take video tokens only (the text enters through
+cross-attention, whose queries are the kept tokens) and its own processor already applies per-sample 3-D RoPE tables
+``[B, k, 1, D]``, gathered with the tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from . import TOKEN_PRUNING
 from .mmdit import (
@@ -38,6 +42,9 @@ from .mmdit import (
     mmdit_blocks,
     release_token_grid,
 )
+from .wan import wan_blocks
+
+PRUNABLE_TRANSFORMERS = {**TRANSFORMER_CLASSES, "wan": WanTransformer3DModel}
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class TokenPruner:
         self.transformer = transformer
         self.family = family
         self.pruning = pruning
-        self.blocks = mmdit_blocks(transformer)
+        self.blocks = wan_blocks(transformer) if family == "wan" else mmdit_blocks(transformer)
         pruning.check_layers(len(self.blocks))
         self.kept_positions: list[torch.Tensor] = []
         self._keeps: list[torch.Tensor] | None = None  # indices into the active tokens, one per pruning layer
@@ -104,9 +111,8 @@ class TokenPruner:
         self._calls_since_refresh = 0
 
     def __call__(self, *args, **kwargs):
-        if self.family == "sd3":
-            return self._sd3_forward(*args, **kwargs)
-        return self._flux_forward(*args, **kwargs)
+        forward = {"sd3": self._sd3_forward, "flux": self._flux_forward, "wan": self._wan_forward}[self.family]
+        return forward(*args, **kwargs)
 
     def _sd3_forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=True):
         model = self.transformer
@@ -140,6 +146,26 @@ class TokenPruner:
         output = model.proj_out(model.norm_out(self._run_blocks(image, text, temb, rotary), temb))
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
+    def _wan_forward(
+        self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None, return_dict=True,
+        attention_kwargs=None,
+    ):
+        """``WanTransformer3DModel.forward`` for text-to-video (one timestep per sample) with pruned blocks."""
+        if timestep.ndim != 1 or encoder_hidden_states_image is not None:
+            raise ValueError("token pruning for wan supports text-to-video: one timestep per sample, no image input")
+        model = self.transformer
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = model.config.patch_size
+        rotary = model.rope(hidden_states)
+        image = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        temb, timestep_proj, text, _ = model.condition_embedder(timestep, encoder_hidden_states, None)
+        image = self._run_blocks(image, text, timestep_proj.unflatten(1, (6, -1)), rotary)
+        shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        image = model.proj_out((model.norm_out(image.float()) * (1 + scale) + shift).type_as(image))
+        image = image.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        output = image.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
     def _run_blocks(self, image, text, temb, rotary=None):
         """All blocks on image ``[B, N, C]`` and text tokens, pruning after ``pruning.layers``; returns the image
         tokens ``[B, N, C]`` with every token at its last hidden state."""
@@ -161,17 +187,22 @@ class TokenPruner:
                 full, positions = scatter_tokens(full, positions, image), positions.gather(1, keep)
             image = gather_tokens(image, keep)
             self.kept_positions.append(positions)
-            if rotary is not None:
+            if self.family == "wan":
+                block_rotary = tuple(table[0, :, 0][positions].unsqueeze(2) for table in rotary)  # [B, k, 1, D]
+            elif rotary is not None:
                 block_rotary = gather_rotary(rotary, text.shape[1], positions)
         self._remember(keeps, key, reused is not None)
         return scatter_tokens(full, positions, image)
 
     def _call_block(self, block, image, text, temb, rotary):
-        # SD3 and FLUX blocks share the positional order (hidden, encoder_hidden, temb[, image_rotary_emb]).
+        # SD3, FLUX and Wan blocks share the positional order (hidden, encoder_hidden, temb[, rotary]); Wan's returns
+        # the video tokens alone (the text is not updated)
         args = (image, text, temb) if rotary is None else (image, text, temb, rotary)
         if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
-            return self.transformer._gradient_checkpointing_func(block, *args)
-        return block(*args)
+            out = self.transformer._gradient_checkpointing_func(block, *args)
+        else:
+            out = block(*args)
+        return (text, out) if self.family == "wan" else out
 
     def _reusable_keeps(self, key) -> list[torch.Tensor] | None:
         if self._keeps is None or key != self._keeps_key or self._calls_since_refresh >= self.pruning.refresh_every:
@@ -241,11 +272,12 @@ def apply_token_pruning(transformer: torch.nn.Module, family: str, pruning: Toke
     remove_token_pruning(transformer)
     if pruning is None or not pruning.layers:
         return None
-    if family not in TRANSFORMER_CLASSES:
-        raise ValueError(f"token pruning supports the families {list(TRANSFORMER_CLASSES)}, got {family!r}")
-    if not isinstance(transformer, TRANSFORMER_CLASSES[family]):
+    if family not in PRUNABLE_TRANSFORMERS:
+        raise ValueError(f"token pruning supports the families {list(PRUNABLE_TRANSFORMERS)}, got {family!r}")
+    if not isinstance(transformer, PRUNABLE_TRANSFORMERS[family]):
         raise ValueError(
-            f"token pruning for {family!r} needs a {TRANSFORMER_CLASSES[family].__name__}, got {type(transformer).__name__}"
+            f"token pruning for {family!r} needs a {PRUNABLE_TRANSFORMERS[family].__name__}, got "
+            f"{type(transformer).__name__}"
         )
     claim_token_grid(transformer, TOKEN_PRUNING)
     pruner = TokenPruner(transformer, family, pruning)

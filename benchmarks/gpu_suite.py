@@ -5,13 +5,15 @@
 
 Parts start in order of value, one at a time (two in the dry run), each in its own process under its own time
 budget and never past the suite's: the GPU tests (``tests/test_gpu.py``: kernels, then models and DeepSpeed), the
-training memory table (SD3.5-M 512 px and FLUX-dev 1024 px, ``throughput.py --memory-table``), the attention
-benchmark (kernels and a FLUX-dev step) and the SD3.5-M throughput benchmark (eager, then compiled, in one run). A
+training memory table (SD3.5-M 512 px, FLUX-dev 1024 px and a Wan-1.3B video step, ``throughput.py
+--memory-table``), the attention benchmark (kernels and a FLUX-dev step) and the SD3.5-M throughput benchmark
+(eager, then compiled, in one run). A
 part that fails or runs out of time is recorded with the tail of its output, and the suite goes on; results a part
 wrote before failing are kept.
 
-The dry run makes the same calls with CPU arguments appended (argparse keeps the last value): the real SD3.5-M
-and FLUX-dev configurations with one or two blocks, 64 px, float32, Triton's interpreter, one thread per part.
+The dry run makes the same calls with CPU arguments appended (argparse keeps the last value): the real SD3.5-M,
+FLUX-dev and Wan-1.3B configurations with one or two blocks, 64 px (Wan: 5 frames), float32, Triton's interpreter,
+one thread per part.
 
 Writes DIR/gpu_suite.json (every part's status and results), DIR/gpu_suite.md (the tables) and DIR/gpu_suite.log
 (every part's output), all three rewritten after each part. Exits 0 when every part passed.
@@ -71,9 +73,14 @@ PARTS = [
     Part("attention", "attention", 60,
          ["benchmarks/attention.py", "--sections", "kernels", "transformer", "--output", "{result}"],
          ("--device", "cpu", "--repeats", "1")),
-    Part("throughput", "throughput", 240,
+    # Wan 2.1 1.3B (random weights, real config): one training iteration at the card's 480x832 with 17 of its 81
+    # frames (7 800 tokens), N = 3, G = 2, checkpointing only; the time comes from throughput's second repeat
+    Part("memory-wan-1.3b", "memory", 45,
+         [*MEMORY, "--size", "wan-1.3b", "--num-frames", "17", "--steps", "3", "--children", "2", "--checkpointing-only"],
+         (*CPU_CUT, "--width", "64", "--num-frames", "5")),
+    Part("throughput", "throughput", 220,
          ["benchmarks/throughput.py", "--size", "sd35m", "--dtype", "bf16", "--compile", "--seeds", "1", "--repeats",
-          "2", "--floor-batch-sizes", "2", "8", "48", "--output", "{result}"],
+          "1", "--floor-batch-sizes", "2", "8", "48", "--output", "{result}"],
          (*CPU_CUT, "--repeats", "1", "--floor-batch-sizes", "1", "2", "--train-batch-size", "2", "--lora-rank", "4",
           "--compile-backend", "eager")),
 ]
@@ -183,7 +190,10 @@ def tests_section(parts: list[dict]) -> list[str]:
 
 def memory_section(parts: list[dict]) -> list[str]:
     results = [p["results"] for p in parts]
-    rows = [[r["size"], r["resolution"], f"{r['N']}, {r['G']}", row["gradient_checkpointing"], row["ema_offload"],
+    def size(r):  # a video's frame size and frame count
+        return f"{r['resolution']}x{r['width']}, {r['num_frames']} frames" if "num_frames" in r else r["resolution"]
+
+    rows = [[r["size"], size(r), f"{r['N']}, {r['G']}", row["gradient_checkpointing"], row["ema_offload"],
              row.get("peak_gb"), row.get("seconds"), row.get("error", "")] for r in results for row in r["memory_table"]]
     rss = ", ".join(f"{r['size']} {r['process_peak_rss_gb']:.1f}" for r in results)
     return ["## One training iteration (LoRA, recipe settings)", "",

@@ -17,15 +17,18 @@ Reports, in one run and one process:
 
 With ``--memory-table`` it measures instead whole training iterations (``TempFlowGRPOTrainer.training_step``:
 branched rollout, decoding, reward, advantages, LoRA updates with the KL term) under the size's recipe
-(``recipes/sd35_pickscore.yaml``, ``recipes/flux_pickscore.yaml``; one prompt per iteration, N and G from the
-flags), with gradient checkpointing and the EMA offload each on and off: peak GPU memory and seconds per iteration.
+(``recipes/sd35_pickscore.yaml``, ``recipes/flux_pickscore.yaml``, ``recipes/wan21_1_3b_pickscore.yaml``; one
+prompt per iteration, N and G from the flags), with gradient checkpointing and the EMA offload each on and off
+(``--checkpointing-only``: checkpointing on, offload off): peak GPU memory and seconds per iteration.
 
-Random weights at real sizes (`--size sd35m`, `--size flux-dev`; built from configs, nothing downloaded, prompt
-embeddings random, a tiny stand-in VAE) on a GPU, or the tiny test pipeline on the CPU (`--size tiny`, the
-default: seconds). `--cut-layers` keeps a real size's widths with one or two blocks (the GPU suite's CPU dry run).
+Random weights at real sizes (`--size sd35m`, `--size flux-dev`, `--size wan-1.3b` with `--width` and
+`--num-frames`; built from configs, nothing downloaded, prompt embeddings random, a tiny stand-in VAE) on a GPU, or
+the tiny test pipeline on the CPU (`--size tiny`, the default: seconds). `--cut-layers` keeps a real size's widths
+with one or two blocks (the GPU suite's CPU dry run).
 
     python benchmarks/throughput.py --size sd35m --device cuda --dtype bf16
     python benchmarks/throughput.py --size flux-dev --dtype bf16 --memory-table --steps 3 --children 2
+    python benchmarks/throughput.py --size wan-1.3b --dtype bf16 --memory-table --num-frames 17 --checkpointing-only
     python benchmarks/throughput.py --compile                       # + eager vs compiled (tiny, CPU)
 """
 
@@ -51,18 +54,24 @@ from tempflow.sampling import ode_step, sde_step
 from tempflow.testing import build_real_size_policy, build_tiny_sd3_pipeline
 
 PROMPT = "benchmark prompt"
-RECIPES = {"sd35m": "sd35_pickscore.yaml", "flux-dev": "flux_pickscore.yaml"}
+RECIPES = {"sd35m": "sd35_pickscore.yaml", "flux-dev": "flux_pickscore.yaml", "wan-1.3b": "wan21_1_3b_pickscore.yaml"}
 RECIPE_DIR = Path(__file__).parents[1] / "recipes"
 
 
 def build_policy(size: str, resolution: int, device: str, dtype: torch.dtype, cut: bool = False,
-                 text_tokens: int | None = None):
+                 text_tokens: int | None = None, **video):
     """The tiny test pipeline's policy, or a real size's (random weights; prompt embeddings are cached random
-    tensors of the real shapes, so no text encoder is needed)."""
+    tensors of the real shapes, so no text encoder is needed). ``video``: Wan's ``width`` and ``num_frames``."""
     if size == "tiny":
         policy = SD3Policy(build_tiny_sd3_pipeline(0), resolution=resolution, guidance_scale=4.5, max_sequence_length=16)
         return policy.to(device)
-    return build_real_size_policy(size, resolution, device, dtype, cut=cut, text_tokens=text_tokens, prompts=[PROMPT])
+    return build_real_size_policy(size, resolution, device, dtype, cut=cut, text_tokens=text_tokens, prompts=[PROMPT],
+                                  **video)
+
+
+def video_settings(args) -> dict:
+    """Wan's frame size and count (none for image sizes)."""
+    return dict(width=args.width, num_frames=args.num_frames) if args.size == "wan-1.3b" else {}
 
 
 def timed(fn, repeats: int, device: str, warm_up: list | None = None) -> float:
@@ -213,17 +222,21 @@ def memory_table(args, resolution: int, dtype: torch.dtype) -> list[dict]:
 
     recipe = yaml.safe_load((RECIPE_DIR / RECIPES[args.size]).read_text())
     rows = []
-    for index, (checkpointing, offload) in enumerate(itertools.product((True, False), repeat=2)):
+    offloads = (True, False) if recipe.get("use_ema") else (False,)  # EMA offload needs an EMA
+    settings = [(True, False)] if args.checkpointing_only else itertools.product((True, False), offloads)
+    for index, (checkpointing, offload) in enumerate(settings):
         row = {"gradient_checkpointing": checkpointing, "ema_offload": offload}
         with tempfile.TemporaryDirectory() as output_dir:
             config = TempFlowGRPOConfig.from_dict({
                 **recipe, "output_dir": output_dir, "resolution": resolution,
                 "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no", "num_inference_steps": args.steps,
                 "num_generations": args.children, "prompts_per_iteration": 1, "gradient_checkpointing": checkpointing,
-                "ema_offload": offload, "reward_funcs": ["brightness"], "eval_prompts": None, "report_to": "none",
-                "disable_progress_bar": True,
+                "ema_offload": offload, "reward_funcs": ["brightness"], "reward_weights": None, "reward_kwargs": None,
+                "reward_frames": None, "num_branch_steps_per_iteration": None, "child_num_inference_steps": None, "eval_prompts": None,
+                "report_to": "none", "disable_progress_bar": True, **video_settings(args),
             })
-            policy = build_policy(args.size, resolution, args.device, dtype, args.cut_layers, args.text_tokens)
+            policy = build_policy(args.size, resolution, args.device, dtype, args.cut_layers, args.text_tokens,
+                                  **video_settings(args))
             trainer = TempFlowGRPOTrainer(config, policy=policy, train_prompts=[{"prompt": PROMPT}])
             try:
                 for _ in range(2 if index == 0 and args.device.startswith("cuda") else 1):
@@ -248,8 +261,11 @@ def write_json(results: dict, path: str | None) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "sd35m", "flux-dev"], default="tiny")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 sd35m, 1024 flux-dev")
+    parser.add_argument("--size", choices=["tiny", "sd35m", "flux-dev", "wan-1.3b"], default="tiny")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default: 64 tiny, 512 sd35m, 1024 flux-dev, 480 wan-1.3b (its height)")
+    parser.add_argument("--width", type=int, default=832, help="wan-1.3b: video width (default 832, its card's)")
+    parser.add_argument("--num-frames", type=int, default=81, help="wan-1.3b: frames (default 81, its card's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--cut-layers", action="store_true",
@@ -271,14 +287,16 @@ def main(argv=None) -> dict:
                         help="static graphs for these batch sizes (default: one graph, dynamic batch)")
     parser.add_argument("--memory-table", action="store_true",
                         help="measure whole training iterations under the size's recipe instead (real sizes only)")
+    parser.add_argument("--checkpointing-only", action="store_true",
+                        help="memory table: only the gradient-checkpointing row without EMA offload")
     parser.add_argument("--output", help="also write the results as JSON here (the eager results before compiling)")
     args = parser.parse_args(argv)
-    resolution = args.resolution or {"tiny": 64, "sd35m": 512, "flux-dev": 1024}[args.size]
+    resolution = args.resolution or {"tiny": 64, "sd35m": 512, "flux-dev": 1024, "wan-1.3b": 480}[args.size]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.memory_table and args.size == "tiny":
         parser.error("--memory-table needs a real size (its recipe): --size sd35m or flux-dev")
     results = {"size": args.size, "resolution": resolution, "device": device_name(args.device), "dtype": args.dtype,
-               "cut_layers": args.cut_layers, "N": args.steps, "G": args.children}
+               "cut_layers": args.cut_layers, "N": args.steps, "G": args.children, **video_settings(args)}
     if args.memory_table:
         print(f"{args.size} @ {resolution}px on {results['device']} ({args.dtype}): one training iteration "
               f"(recipe {RECIPES[args.size]}, 1 prompt, N={args.steps}, G={args.children}) per setting")
@@ -287,7 +305,8 @@ def main(argv=None) -> dict:
         write_json(results, args.output)
         return results
 
-    policy = build_policy(args.size, resolution, args.device, dtype, args.cut_layers, args.text_tokens)
+    policy = build_policy(args.size, resolution, args.device, dtype, args.cut_layers, args.text_tokens,
+                          **video_settings(args))
     policy.transformer.eval()
     prompts = [PROMPT] * args.seeds if args.size != "tiny" else ["a red square"] * args.seeds
     embeds = policy.encode_prompts(prompts)

@@ -3,7 +3,9 @@
 A reward is any callable ``reward(images, prompts, **metadata) -> list[float]``:
 
 - ``images``: a float tensor ``[B, 3, H, W]`` with values in ``[0, 1]`` (decoded once by the trainer; use
-  :func:`to_pil` or :func:`to_uint8` if a model wants another form);
+  :func:`to_pil` or :func:`to_uint8` if a model wants another form). For video models an image reward gets the
+  videos' frames as images and its scores are averaged per video; a reward marked ``video_reward = True`` gets the
+  videos ``[B, F, 3, H, W]`` themselves (:mod:`tempflow.rewards.video`);
 - ``prompts``: the ``B`` prompt strings;
 - ``metadata``: one list of ``B`` values per extra key of the prompt file (e.g. a ShapesWorld scene spec).
 
@@ -25,6 +27,7 @@ RewardFunc = Callable[..., list]
 _REGISTRY: dict[str, Callable] = {}
 _BUILTIN_MODULES = (
     "tempflow.rewards.simple",
+    "tempflow.rewards.video",
     "tempflow.shapes.reward",
     "tempflow.rewards.pickscore",
     "tempflow.rewards.clip_similarity",

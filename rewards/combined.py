@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -10,6 +11,7 @@ import torch
 
 from ..errors import RewardError
 from . import get_reward
+from .video import score_frames
 
 __all__ = ["CombinedReward", "RewardError"]
 
@@ -17,21 +19,25 @@ __all__ = ["CombinedReward", "RewardError"]
 class CombinedReward:
     """Score images with every reward; ``total = Σ wᵢ·rᵢ``. A sample that a reward could not score (``None``,
     NaN or inf, or the whole batch when the reward raises or exceeds ``timeout`` seconds) gets NaN in the
-    total, or, with ``error_policy="raise"``, stops with the reward's name."""
+    total, or, with ``error_policy="raise"``, stops with the reward's name. Videos ``[B, F, 3, H, W]`` go whole to
+    video rewards and frame by frame (``frames``, default all; averaged) to image rewards."""
 
     def __init__(self, rewards: dict, weights: list[float] | None = None, error_policy: str = "raise",
-                 timeout: float | None = None):
+                 timeout: float | None = None, frames: list[int] | None = None):
         self.rewards = rewards
         self.weights = list(weights) if weights is not None else [1.0] * len(rewards)
         self.error_policy = error_policy
         self.timeout = timeout
+        self.frames = frames
 
     @classmethod
     def from_names(cls, names: list[str], weights=None, error_policy: str = "raise",
-                   kwargs: dict[str, dict] | None = None, timeout: float | None = None) -> CombinedReward:
+                   kwargs: dict[str, dict] | None = None, timeout: float | None = None,
+                   frames: list[int] | None = None) -> CombinedReward:
         """Resolve rewards by name; ``kwargs[name]`` goes to that reward's constructor."""
         kwargs = kwargs or {}
-        return cls({name: get_reward(name, **kwargs.get(name, {})) for name in names}, weights, error_policy, timeout)
+        return cls({name: get_reward(name, **kwargs.get(name, {})) for name in names}, weights, error_policy, timeout,
+                   frames)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> tuple[torch.Tensor, dict]:
         components = {name: self._score(name, func, images, prompts, metadata) for name, func in self.rewards.items()}
@@ -39,6 +45,8 @@ class CombinedReward:
         return total, components
 
     def _score(self, name, func, images, prompts, metadata) -> torch.Tensor:
+        if images.ndim == 5 and not getattr(func, "video_reward", False):
+            func = functools.partial(score_frames, func, frames=self.frames)
         try:
             scores = list(_call_with_timeout(func, self.timeout, images, prompts, **metadata))
         except Exception as err:

@@ -2,7 +2,7 @@
 
     tempflow train RECIPE.yaml [--key value ...]       fine-tune (also: accelerate launch -m tempflow.cli train ...)
     tempflow eval [--model M] [--lora DIR] ...         score a model (+ LoRA) on a prompt set
-    tempflow sample --prompt "..." [--lora DIR] ...    generate images
+    tempflow sample --prompt "..." [--lora DIR] ...    generate images (or videos: animated WebP / MP4)
     tempflow pretrain-shapes                           rebuild the ShapesWorld pipeline
     tempflow serve-reward NAME [--port P] [--token T]  run a reward behind HTTP (the `remote` reward calls it)
 
@@ -57,6 +57,9 @@ def _load_for_sampling(args):
         resolution=args.resolution,
         guidance_scale=args.guidance_scale,
         max_sequence_length=args.max_sequence_length,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        num_frames=args.num_frames,
     )
     if args.lora:
         if not Path(args.lora, "pytorch_lora_weights.safetensors").is_file():
@@ -82,6 +85,7 @@ def evaluate(args) -> dict:
     from .plots import save_image_grid
     from .prompts import load_prompts, task_labels
     from .rewards.combined import CombinedReward
+    from .video import frame_strips
 
     records = load_prompts(args.prompts)[: args.limit]
     reward = CombinedReward.from_names(args.rewards)
@@ -103,7 +107,7 @@ def evaluate(args) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "eval.json").write_text(json.dumps(summary, indent=2))
-    save_image_grid(images[:16], [r["prompt"] for r in records[:16]], output / "eval_grid.png")
+    save_image_grid(frame_strips(images[:16]), [r["prompt"] for r in records[:16]], output / "eval_grid.png")
     _print_scores(summary, k)
     return summary
 
@@ -120,22 +124,29 @@ def _print_scores(summary: dict, k: int) -> None:
 
 
 def sample(args) -> None:
-    """Generate one image per prompt and save them as PNG files (and a grid)."""
+    """Generate one sample per prompt and save them as PNG files (videos: animated WebP, GIF or MP4), and a grid
+    (videos: of frame strips)."""
     from .evaluation import sample_prompt_set
     from .plots import save_image_grid
     from .prompts import load_prompts
     from .rewards import to_pil
+    from .video import frame_strips, is_video, save_video
 
     records = [{"prompt": p} for p in args.prompt] if args.prompt else load_prompts(args.prompts)[: args.limit]
     policy, engine = _load_for_sampling(args)
-    images = sample_prompt_set(policy, engine, records, list(range(len(records))), args.seed, args.num_steps,
-                               progress=True)
+    samples = sample_prompt_set(policy, engine, records, list(range(len(records))), args.seed, args.num_steps,
+                                progress=True)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(to_pil(images)):
-        image.save(output / f"{i:04d}.png")
-    save_image_grid(images, [r["prompt"] for r in records], output / "grid.png")
-    print(f"wrote {len(records)} images and grid.png to {output}")
+    if is_video(samples):
+        for i, video in enumerate(samples):
+            save_video(video, output / f"{i:04d}.{args.video_format}", getattr(policy, "frame_rate", 16))
+    else:
+        for i, image in enumerate(to_pil(samples)):
+            image.save(output / f"{i:04d}.png")
+    save_image_grid(frame_strips(samples), [r["prompt"] for r in records], output / "grid.png")
+    kind = f"videos (.{args.video_format})" if is_video(samples) else "images"
+    print(f"wrote {len(records)} {kind} and grid.png to {output}")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +154,11 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors")
     parser.add_argument("--num-steps", type=int, default=20, help="ODE steps (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=4.5, help="CFG / guidance scale (default 4.5)")
-    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
+    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64; the height "
+                        "when --width is given)")
+    parser.add_argument("--width", type=int, default=None, help="width in pixels (qwen_image, wan; default: square)")
+    parser.add_argument("--num-frames", type=int, default=None, help="video frames (wan; default 81)")
+    parser.add_argument("--negative-prompt", default=None, help="CFG's negative prompt (default: the family's)")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt (default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=64, help="latents per transformer call")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -176,14 +191,16 @@ def _config_help() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tempflow",
-        description="RL fine-tuning of flow-matching text-to-image models.",
+        description="RL fine-tuning of flow-matching text-to-image and text-to-video models (SD3/SD3.5, FLUX.1, "
+        "Qwen-Image, Wan 2.1).",
         epilog="exit codes: 0 done, 2 bad input, 3 training diverged, 128+N stopped by signal N (checkpoint saved)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser(
         "train",
         help="fine-tune a model with TempFlow-GRPO or Flow-GRPO",
-        description="Fine-tune with a YAML recipe; any config field can be overridden as --field value.",
+        description="Fine-tune with a YAML recipe; any config field can be overridden as --field value. Model "
+        "families: sd3 (SD3/SD3.5), flux (FLUX.1), qwen_image (Qwen-Image), wan (Wan 2.1 text-to-video, 1.3B and 14B).",
         epilog="example: tempflow train recipes/shapes.yaml --max_steps 20 --output_dir outputs/demo\n\n"
         "config fields:" + "{config_help}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -209,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     sample_parser.add_argument("--prompt", nargs="+", help="prompt text(s)")
     sample_parser.add_argument("--prompts", default="shapes:eval", help="prompt file, used without --prompt")
     sample_parser.add_argument("--output", default="outputs/samples", help="output directory")
+    sample_parser.add_argument("--video-format", choices=["webp", "gif", "mp4"], default="webp",
+                               help="file format of video samples (default webp; mp4 needs tempflow[video])")
     commands.add_parser("pretrain-shapes", help="pretrain the ShapesWorld pipeline (see --help)", add_help=False)
     commands.add_parser("serve-reward", help="serve a registered reward over HTTP (see --help)", add_help=False)
 

@@ -29,7 +29,7 @@ from .attention import (
 )
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo")
-MODEL_FAMILIES = ("auto", "sd3", "flux")
+MODEL_FAMILIES = ("auto", "sd3", "flux", "qwen_image", "wan")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SDE_TYPES = ("sde", "cps")
 """The stochastic steps of :mod:`tempflow.sampling` (``STOCHASTIC_STEPS``)."""
@@ -59,19 +59,37 @@ class TempFlowGRPOConfig:
 
     # --- model ---
     model_name_or_path: str = _help(
-        "Hub id or local directory of a diffusers pipeline (SD3/SD3.5 or FLUX.1), or `shapes` for the shipped "
-        "ShapesWorld pipeline.",
+        "Hub id or local directory of a diffusers pipeline: SD3/SD3.5 (StableDiffusion3Pipeline), FLUX.1 "
+        "(FluxPipeline), Qwen-Image (QwenImagePipeline) or Wan 2.1 text-to-video, 1.3B or 14B (WanPipeline); or "
+        "`shapes` for the shipped ShapesWorld pipeline.",
         default="shapes",
     )
-    model_family: str = _help("`auto` (read model_index.json), `sd3` or `flux`.", default="auto")
-    resolution: int = _help("Image height and width in pixels.", default=512)
+    model_family: str = _help(
+        "`auto` (the pipeline class in model_index.json, or the hub id's name), `sd3`, `flux`, `qwen_image` or `wan`.",
+        default="auto",
+    )
+    resolution: int = _help("Image height and width in pixels (the height when `width` is set).", default=512)
+    width: int | None = _help(
+        "Width in pixels, for the families that sample non-square sizes (qwen_image, wan); default: resolution.",
+        default=None,
+    )
+    num_frames: int | None = _help(
+        "Video frames per sample (wan: 1 + a multiple of 4; default 81, its model card's). Images: leave unset.",
+        default=None,
+    )
     guidance_scale: float = _help(
-        "CFG scale for SD3 (in rollouts and log-prob recomputation alike); guidance embedding for FLUX.",
+        "CFG scale for SD3, Qwen-Image (its true_cfg_scale, with the norm rescale) and Wan, in rollouts and log-prob "
+        "recomputation alike; the guidance embedding for FLUX.",
         default=4.5,
     )
+    negative_prompt: str | None = _help(
+        "CFG's negative prompt (SD3, Qwen-Image, Wan); default the family's pipeline's: '' (Qwen-Image: ' ', its "
+        "model card's).",
+        default=None,
+    )
     max_sequence_length: int | None = _help(
-        "T5 tokens per prompt; default the family's (SD3 256, FLUX 512), or the pipeline T5 tokenizer's "
-        "`model_max_length` when shorter (ShapesWorld: 8).",
+        "Text tokens per prompt; default the family's (SD3 256, FLUX 512, Qwen-Image 512, Wan 512), or the pipeline "
+        "T5 tokenizer's `model_max_length` when shorter (ShapesWorld: 8).",
         default=None,
     )
     mixed_precision: str = _help("`no`, `fp16` or `bf16`: weights of frozen parts and autocast.", default="no")
@@ -112,6 +130,11 @@ class TempFlowGRPOConfig:
         default=None,
     )
     reward_weights: list[float] | None = _help("Weight of each reward in the sum; default all 1.", default=None)
+    reward_frames: list[int] | None = _help(
+        "Video: the frames (indices; negative count from the end) that image rewards score, their scores averaged; "
+        "default every frame. Video rewards (e.g. `frame_consistency`) see the whole video.",
+        default=None,
+    )
     eval_reward_funcs: list[str] = _help(
         "Extra rewards computed only at evaluation (e.g. `shapes_strict` for GenEval-style accuracy).",
         default_factory=list,
@@ -281,8 +304,9 @@ class TempFlowGRPOConfig:
         default_factory=list,
     )
     token_pruning_layers: list[int] = _help(
-        "Blocks after which image tokens are pruned (Representation Shift, DESIGN §7; FLUX counts double blocks, "
-        "then single blocks). Empty: off. Applies to rollouts and log-prob recomputation alike.",
+        "Blocks after which image (or video) tokens are pruned (Representation Shift, DESIGN §7; SD3, FLUX and Wan; "
+        "FLUX counts double blocks, then single blocks). Empty: off. Applies to rollouts and log-prob recomputation "
+        "alike.",
         default_factory=list,
     )
     token_pruning_keep_ratio: float = _help(
@@ -294,7 +318,9 @@ class TempFlowGRPOConfig:
         default=1.0,
     )
     block_sparse_tile: list[int] = _help(
-        "Tile shape in tokens over the token grid (height, width); 8 8 is 64 tokens.", default_factory=lambda: [8, 8]
+        "Tile shape in tokens over the token grid: (height, width) for images, 8 8 is 64 tokens; (frames, height, "
+        "width) for video (wan), e.g. 4 4 4.",
+        default_factory=lambda: [8, 8],
     )
     block_sparse_layers: list[int] = _help(
         "Blocks whose attention is block-sparse (FLUX: double, then single blocks). Empty: every block.",
@@ -394,6 +420,7 @@ class TempFlowGRPOConfig:
             "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "epsilon",
             "adv_clip_max", "sde_window_size", "num_branch_steps_per_iteration", "child_num_inference_steps",
             "eval_steps", "num_eval_prompts", "max_sequence_length", "max_consecutive_skipped_steps", "reward_timeout",
+            "width", "num_frames",
         )
         if self.num_generations < 2:
             reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")
@@ -459,6 +486,12 @@ class TempFlowGRPOConfig:
         stray = sorted(set(self.reward_kwargs) - set(self.reward_funcs) - set(self.eval_reward_funcs))
         if stray:
             reject("reward_kwargs", f"names rewards that are not used: {stray}")
+        if self.reward_frames is not None:
+            frames = self.num_frames
+            if not self.reward_frames:
+                reject("reward_frames", "must name at least one frame (null: every frame)")
+            if frames is not None and any(not -frames <= f < frames for f in self.reward_frames):
+                reject("reward_frames", f"indices must lie in [-{frames}, {frames - 1}] for num_frames {frames}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
         if self.branched and self.sde_window_size is not None:

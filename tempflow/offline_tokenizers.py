@@ -1,6 +1,7 @@
 """Tokenizers and a text-encoder config built offline, for ShapesWorld's pipeline and the test pipelines: the real
-CLIP BPE tokenizer from the vocabulary open-clip ships, and a T5-style word-level Unigram tokenizer trained on
-nothing (one token per given word, characters as the fallback)."""
+CLIP BPE tokenizer from the vocabulary open-clip ships, a T5-style word-level Unigram tokenizer trained on
+nothing (one token per given word, characters as the fallback), and a Qwen2 byte-level BPE tokenizer (Qwen's own
+pre-tokenizer) whose small vocabulary is trained in-process on Qwen-Image's prompt template and a word list."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import string
 import tempfile
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import Unigram
-from transformers import CLIPTokenizer, T5Config, T5TokenizerFast
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import BPE, Unigram
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Config, T5TokenizerFast
 
 _CLIP_MERGES = 49152 - 256 - 2  # the merges open-clip's SimpleTokenizer keeps
 _T5_MAX_LENGTH = 512
@@ -110,3 +111,36 @@ def tiny_t5_config(tokenizer: T5TokenizerFast, d_model: int) -> T5Config:
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
+
+
+QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+"""``QwenImagePipeline.prompt_template_encode`` (diffusers 0.42), whose first 34 tokens the pipeline drops."""
+_QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_qwen_tokenizer(vocab_words: list[str] | None = None) -> Qwen2Tokenizer:
+    """A ``Qwen2Tokenizer`` (Qwen's pre-tokenizer regex and byte-level BPE) with a BPE vocabulary trained on
+    :data:`QWEN_IMAGE_TEMPLATE` and ``vocab_words`` (default: colours, shapes, counts, spatial words): every word
+    of the template is one token, as with Qwen's real vocabulary, so the template's prefix is the 34 tokens that
+    ``QwenImagePipeline`` drops; other text falls back to bytes. Deterministic."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    words = list(vocab_words) if vocab_words is not None else list(_DEFAULT_T5_WORDS)
+    backend = Tokenizer(BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=4096, min_frequency=1, special_tokens=list(_QWEN_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    template = QWEN_IMAGE_TEMPLATE
+    for special in _QWEN_SPECIAL_TOKENS:
+        template = template.replace(special, "\n")
+    backend.train_from_iterator([template.format(" ".join(words)), " ".join(words), "\n".join(words)], trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=list(_QWEN_SPECIAL_TOKENS[1:]))

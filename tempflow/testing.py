@@ -1,11 +1,12 @@
-"""Tiny, randomly initialised SD3 and FLUX pipelines built offline from configs, for fast CPU tests: CLIP
-tokenizers use the real BPE vocabulary shipped with open-clip, T5 tokenizers a small word-level Unigram
-vocabulary, and every model is a few layers of width 8–32 whose float32 weights depend only on ``seed``.
+"""Tiny, randomly initialised SD3, FLUX, Qwen-Image and Wan 2.1 pipelines built offline from configs, for fast CPU
+tests: CLIP tokenizers use the real BPE vocabulary shipped with open-clip, T5/UMT5 tokenizers a small word-level
+Unigram vocabulary, Qwen's a small byte-level BPE vocabulary with Qwen's pre-tokenizer, and every model is a few
+layers of width 8–32 whose float32 weights depend only on ``seed``.
 
-Also real-size transformers (SD3.5-Medium, FLUX.1-dev) with random weights, built from their configs (nothing
-downloaded), and policies around them whose prompt embeddings are random tensors of the real shapes (no text
-encoder), for the GPU tests and benchmarks; ``cut=True`` keeps the real widths with one or two blocks, for
-their CPU dry run.
+Also real-size transformers (SD3.5-Medium, FLUX.1-dev, Wan 2.1 1.3B; Wan 14B and Qwen-Image as configs) with random
+weights, built from their configs (nothing downloaded), and policies around them whose prompt embeddings are random
+tensors of the real shapes (no text encoder), for the GPU tests and benchmarks; ``cut=True`` keeps the real widths
+with one or two blocks, for their CPU dry run.
 """
 
 from __future__ import annotations
@@ -16,23 +17,33 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     T5EncoderModel,
     T5TokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
-from .offline_tokenizers import build_clip_tokenizer, build_t5_tokenizer, tiny_t5_config
-from .policies import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy
+from .offline_tokenizers import build_clip_tokenizer, build_qwen_tokenizer, build_t5_tokenizer, tiny_t5_config
+from .policies import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy, WanPolicy
 
 
 def seeded_module(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -182,6 +193,77 @@ def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
                                            base_image_seq_len=256, max_image_seq_len=4096)
 
 
+# Qwen-Image's and Wan's VAE statistics (their first 4 of 16 channels): decoding must undo this normalisation
+_WAN_STYLE_LATENT_STATS = dict(latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075], latents_std=[2.8184, 1.4541, 2.3275, 2.6558])
+
+
+def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Qwen/Qwen-Image's ``scheduler_config.json``: an exponential shift growing with the image's token count (up to
+    8192 tokens) and the σ schedule stretched to end at 0.02."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+
+
+def build_tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image with a 2-layer Qwen2.5-VL text encoder of width 32 (its vision tower one block of 16, unused), a
+    2-block transformer (2 heads of 16, RoPE axes 4/6/6), an 8× Qwen-Image VAE with 4 latent channels, and the
+    real model's scheduler; 64×64 images are 4×4 packed tokens. Pass ``height``/``width`` (its default is 1024)."""
+    tokenizer = build_qwen_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text_config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": eos,
+                     "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32},
+        vocab_size=len(tokenizer),
+    )
+    return QwenImagePipeline(
+        transformer=seeded_module(seed, lambda: QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        )),
+        scheduler=qwen_image_scheduler(),
+        vae=seeded_module(seed, lambda: AutoencoderKLQwenImage(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            **_WAN_STYLE_LATENT_STATS,
+        )),
+        text_encoder=seeded_module(seed, lambda: Qwen2_5_VLForConditionalGeneration(text_config)),
+        tokenizer=tokenizer,
+    )
+
+
+def build_tiny_wan_transformer(seed: int = 0, num_layers: int = 2) -> WanTransformer3DModel:
+    """Wan 2.1's 3-D transformer with ``num_layers`` blocks of 2 heads of 16, 4 latent channels, text width 32."""
+    return seeded_module(seed, lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, rope_max_seq_len=32,
+    ))
+
+
+def build_tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
+    """Wan 2.1 text-to-video with a 2-layer UMT5 encoder of width 32, a 2-block transformer, a Wan VAE (8× in space,
+    4× in time, 4 latent channels) and the Euler flow-matching scheduler with shift 3 (the published checkpoints'
+    UniPC takes the same ``flow_shift``). 13 frames of 64×64 are 4×8×8 latents, 4×4×4 tokens."""
+    tokenizer = build_t5_tokenizer()
+    t5 = tiny_t5_config(tokenizer, 32)
+    encoder_config = UMT5Config(**{key: getattr(t5, key) for key in (
+        "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+        "dropout_rate", "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id",
+        "decoder_start_token_id")})
+    return WanPipeline(
+        transformer=build_tiny_wan_transformer(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=seeded_module(seed, lambda: AutoencoderKLWan(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            **_WAN_STYLE_LATENT_STATS,
+        )),
+        text_encoder=seeded_module(seed, lambda: UMT5EncoderModel(encoder_config)),
+        tokenizer=tokenizer,
+    )
+
+
 def save_tiny_pipeline(pipeline, directory) -> str:
     """Save ``pipeline`` so that ``<PipelineClass>.from_pretrained(directory)`` reloads it; returns the path.
 
@@ -209,29 +291,53 @@ FLUX_DEV = dict(
 """black-forest-labs/FLUX.1-dev's transformer (11.9 B parameters): ``FluxTransformer2DModel``'s defaults in diffusers
 0.42.1 plus the guidance embedding, whose weights are how diffusers tells dev from schnell checkpoints."""
 
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+"""Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer (1.42 B parameters): 30 blocks of 12 heads of 128, FFN 8960."""
+
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+"""Wan-AI/Wan2.1-T2V-14B-Diffusers' transformer (14.29 B parameters)."""
+
+QWEN_IMAGE = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+"""Qwen/Qwen-Image's transformer (20.43 B parameters): ``QwenImageTransformer2DModel``'s defaults in diffusers 0.42."""
+
 REAL_SIZES = ("sd35m", "flux-dev")
-_TEXT_TOKENS = {"sd35m": 77 + 256, "flux-dev": 512}  # SD3.5: CLIP 77 + T5 256; FLUX: T5 512
+"""The image sizes the GPU tests run. :func:`build_real_size_policy` also builds ``wan-1.3b`` (the GPU suite's video
+step); ``wan-14b`` and ``qwen-image`` are configs only."""
+_TEXT_TOKENS = {"sd35m": 77 + 256, "flux-dev": 512, "wan-1.3b": 512}  # SD3.5: CLIP 77 + T5 256; FLUX: T5; Wan: UMT5
+_MODEL_CLASSES = {"sd35m": SD3Transformer2DModel, "flux-dev": FluxTransformer2DModel, "wan-1.3b": WanTransformer3DModel,
+                  "wan-14b": WanTransformer3DModel, "qwen-image": QwenImageTransformer2DModel}
 
 
 def real_size_config(size: str, cut: bool = False) -> dict:
-    """The transformer config of ``size`` (``"sd35m"`` or ``"flux-dev"``). ``cut``: real widths with SD3.5-M's
-    first block (dual attention, as blocks 0–12) and last block (context-pre-only), or FLUX's first double and
-    single blocks, and SD3.5-M's position table cut from 384² to 64² positions (384² take 7 s on a CPU)."""
+    """The transformer config of ``size`` (``"sd35m"``, ``"flux-dev"``, ``"wan-1.3b"``, ``"wan-14b"`` or
+    ``"qwen-image"``). ``cut``: real widths with SD3.5-M's first block (dual attention, as blocks 0–12) and last block
+    (context-pre-only), or FLUX's first double and single blocks, or two blocks of the others, and SD3.5-M's position
+    table cut from 384² to 64² positions (384² take 7 s on a CPU)."""
     if size == "sd35m":
         cut_to = dict(num_layers=2, dual_attention_layers=(0,), pos_embed_max_size=64)
         return {**SD35_MEDIUM, **(cut_to if cut else {})}
     if size == "flux-dev":
         return {**FLUX_DEV, **(dict(num_layers=1, num_single_layers=1) if cut else {})}
-    raise ValueError(f"unknown real size {size!r}; expected one of {list(REAL_SIZES)}")
+    configs = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "qwen-image": QWEN_IMAGE}
+    if size in configs:
+        return {**configs[size], **(dict(num_layers=2) if cut else {})}
+    raise ValueError(f"unknown real size {size!r}; expected one of {list(_MODEL_CLASSES)}")
 
 
 def build_real_size_transformer(
     size: str, device="cpu", dtype: torch.dtype = torch.float32, cut: bool = False, seed: int = 0
-) -> SD3Transformer2DModel | FluxTransformer2DModel:
+) -> torch.nn.Module:
     """Random weights drawn from ``seed``, made on ``device`` in ``dtype`` directly (FLUX.1-dev made in float32 on
     the CPU first would take 48 GB and minutes), in eval mode."""
-    model_class = SD3Transformer2DModel if size == "sd35m" else FluxTransformer2DModel
     config = real_size_config(size, cut)
+    model_class = _MODEL_CLASSES[size]
     device = torch.device(device)
     rng_devices = []  # CUDA generators whose state fork_rng restores (the CPU's it always does)
     if device.type == "cuda":
@@ -258,13 +364,19 @@ def build_real_size_policy(
     text_tokens: int | None = None,
     prompts: Sequence[str] = (),
     seed: int = 0,
+    width: int | None = None,
+    num_frames: int | None = None,
 ) -> FlowPolicy:
     """A policy around :func:`build_real_size_transformer` and the tiny stand-in VAE (16 latent channels, the real
-    scaling factors) whose prompt embeddings are random tensors of the family's shapes, cached for ``""`` and
-    ``prompts``: no text encoder. ``text_tokens`` replaces the real text length (SD3.5: 333, FLUX: 512). CFG 4.5
-    for SD3.5 and guidance 3.5 for FLUX, as in the recipes."""
+    scaling factors or latent statistics) whose prompt embeddings are random tensors of the family's shapes, cached
+    for ``""`` and ``prompts``: no text encoder. ``text_tokens`` replaces the real text length (SD3.5: 333, FLUX and
+    Wan: 512). CFG 4.5 for SD3.5, guidance 3.5 for FLUX and CFG 5 for Wan (``width``, ``num_frames``: its video
+    size), as in the recipes."""
     transformer = build_real_size_transformer(size, device, dtype, cut, seed)
     no_text = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if size == "wan-1.3b":
+        return _real_size_wan_policy(transformer, resolution, width, num_frames, device, dtype, text_tokens, prompts,
+                                     seed)
     if size == "sd35m":
         vae = _vae(seed, scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16)
         pipeline = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -277,11 +389,26 @@ def build_real_size_policy(
     vae.to(device)
     shapes = {"prompt_embeds": (1, text_tokens or _TEXT_TOKENS[size], transformer.config.joint_attention_dim),
               "pooled_prompt_embeds": (1, transformer.config.pooled_projection_dim)}
+    _cache_random_embeds(policy, shapes, prompts, dtype, seed)
+    return policy
+
+
+def _cache_random_embeds(policy: FlowPolicy, shapes: dict, prompts: Sequence[str], dtype, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
-    for prompt in ("", *prompts):
+    for prompt in (policy.negative_prompt, *prompts):
         policy._embed_cache[prompt] = PromptEmbeds(
             {name: torch.randn(shape, generator=generator).to(dtype) for name, shape in shapes.items()}
         )
+
+
+def _real_size_wan_policy(transformer, resolution, width, num_frames, device, dtype, text_tokens, prompts, seed):
+    vae = seeded_module(seed, lambda: AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                       temperal_downsample=[False, True, True]))
+    pipeline = WanPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                           vae=vae.to(device), text_encoder=None, tokenizer=None)
+    policy = WanPolicy(pipeline, resolution=resolution, width=width, num_frames=num_frames, guidance_scale=5.0)
+    shapes = {"prompt_embeds": (1, text_tokens or _TEXT_TOKENS["wan-1.3b"], transformer.config.text_dim)}
+    _cache_random_embeds(policy, shapes, prompts, dtype, seed)
     return policy
 
 

@@ -1,6 +1,7 @@
 """Evaluation during training: ODE samples of the held-out prompts (sharded over processes, with the EMA weights
-when there is one), their scores overall and per task, sample grids, the before/after grid that survives a
-resume, and the cross-process means that every logged score uses."""
+when there is one), their scores overall and per task, sample grids (videos: strips of frames, and the first few
+videos as animated WebP), the before/after grid that survives a resume, and the cross-process means that every
+logged score uses."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from .evaluation import sample_prompt_set, score_images, scores_by_task, worst_per_task
 from .plots import save_before_after_grid, save_image_grid
 from .prompts import task_labels
+from .video import frame_strips, is_video, save_video
 
+VIDEOS_PER_EVALUATION = 4
 BEFORE_IMAGES = "before.safetensors"  # in samples/: the first evaluation's images, for the before/after grid
 
 
@@ -55,6 +58,8 @@ class EvaluateMixin:
         if self.accelerator.is_main_process:
             samples_dir = Path(config.output_dir) / "samples"
             samples_dir.mkdir(parents=True, exist_ok=True)
+            self._save_videos(images[:VIDEOS_PER_EVALUATION], samples_dir / tag)
+            images = frame_strips(images)
             save_image_grid(images[:16], [r["prompt"] for r in shard[:16]], samples_dir / f"{tag}.png")
             self._log_images(images[:16])
             if tag == "before":
@@ -63,6 +68,14 @@ class EvaluateMixin:
             elif tag == "after":
                 self._save_before_after_grid(images, positions, samples_dir)
         return results
+
+    def _save_videos(self, videos: torch.Tensor, directory: Path) -> None:
+        """The first evaluation videos as ``{directory}/{k}.webp`` (nothing for images)."""
+        if not is_video(videos):
+            return
+        directory.mkdir(exist_ok=True)
+        for k, video in enumerate(videos):
+            save_video(video, directory / f"{k:02d}.webp", getattr(self.policy, "frame_rate", 16))
 
     def _before_after_panel(self, records: list[dict], components: dict[str, torch.Tensor]) -> list[int]:
         """The prompts the before/after grid shows: the untrained model's worst (by the last evaluation reward,

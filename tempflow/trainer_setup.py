@@ -74,13 +74,14 @@ class SetupMixin:
         if reward_funcs is None:
             self.reward = CombinedReward.from_names(config.reward_funcs, config.reward_weights,
                                                     config.reward_error_policy, config.reward_kwargs,
-                                                    config.reward_timeout)
+                                                    config.reward_timeout, config.reward_frames)
         else:
             self.reward = CombinedReward(reward_funcs, config.reward_weights, config.reward_error_policy,
-                                         config.reward_timeout)
+                                         config.reward_timeout, config.reward_frames)
         self.eval_reward = None
         if config.eval_reward_funcs:
-            self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs)
+            self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs,
+                                                         frames=config.reward_frames)
 
     def _build_policy(self, policy: FlowPolicy | None) -> None:
         """Load the policy (unless given) and set what holds for rollouts and recomputation alike: attention
@@ -94,6 +95,9 @@ class SetupMixin:
                 resolution=config.resolution,
                 guidance_scale=config.guidance_scale,
                 max_sequence_length=config.max_sequence_length,
+                negative_prompt=config.negative_prompt,
+                width=config.width,
+                num_frames=config.num_frames,
             )
         self.policy.to(self.accelerator.device)
         self.policy.set_attention_backend(config.attention_backend)

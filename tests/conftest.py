@@ -1,11 +1,17 @@
-"""Shared fixtures: tiny random SD3 and FLUX pipelines saved once per session and loaded through the real
-``from_pretrained`` path, wrapped in their policies."""
+"""Shared fixtures: tiny random SD3, FLUX, Qwen-Image and Wan pipelines saved once per session and loaded through the
+real ``from_pretrained`` path, wrapped in their policies."""
 
 import pytest
 import torch
 
 from tempflow.policies import load_policy
-from tempflow.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, save_tiny_pipeline
+from tempflow.testing import (
+    build_tiny_flux_pipeline,
+    build_tiny_qwen_image_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_wan_pipeline,
+    save_tiny_pipeline,
+)
 
 torch.set_num_threads(2)
 
@@ -18,6 +24,32 @@ def tiny_sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     return save_tiny_pipeline(build_tiny_flux_pipeline(seed=0), tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_qwen_image_pipeline(seed=0), tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_wan_pipeline(seed=0), tmp_path_factory.mktemp("tiny-wan"))
+
+
+TINY_WAN_FRAMES, TINY_WAN_SIZE = 9, 32
+"""Frames and pixels per side of the tiny Wan samples: 3×4×4 latents, a 3×2×2 token grid (decoding videos is the
+slow part of a Wan test on a CPU)."""
+
+
+@pytest.fixture
+def qwen_image_policy(tiny_qwen_image_dir):
+    return load_policy(tiny_qwen_image_dir, resolution=64, guidance_scale=4.0)
+
+
+@pytest.fixture
+def wan_policy(tiny_wan_dir):
+    return load_policy(tiny_wan_dir, resolution=TINY_WAN_SIZE, guidance_scale=5.0, max_sequence_length=16,
+                       num_frames=TINY_WAN_FRAMES)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from tempflow.attention.block_sparse import (
     uses_block_sparse,
 )
 from tempflow.attention.pruning import TokenPruning, apply_token_pruning
-from tempflow.testing import rollout_and_recomputed_log_probs
+from tempflow.testing import build_tiny_wan_transformer, rollout_and_recomputed_log_probs
 
 GRID, TILE = (4, 8), (2, 2)  # 8 tiles of 4 tokens
 
@@ -116,22 +116,28 @@ def _inputs(family, batch=3):
     if family == "sd3":
         return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=generator), encoder_hidden_states=context,
                     pooled_projections=torch.randn(batch, 24, generator=generator), timestep=sigmas * 1000)
+    if family == "wan":  # 4 latent frames of 8×8: a 4×4×4 token grid
+        return dict(hidden_states=torch.randn(batch, 4, 4, 8, 8, generator=generator), encoder_hidden_states=context,
+                    timestep=sigmas * 1000)
     return dict(hidden_states=torch.randn(batch, 16, 16, generator=generator), encoder_hidden_states=context,
                 pooled_projections=torch.randn(batch, 16, generator=generator), timestep=sigmas,
                 guidance=torch.full((batch,), 3.5), txt_ids=torch.zeros(text_len, 3),
                 img_ids=FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32))
 
 
-@pytest.mark.parametrize("family,build", [("sd3", _sd3), ("flux", _flux)])
-def test_processors_are_dense_at_full_density_sparse_below_and_removable(family, build):
+@pytest.mark.parametrize("family,build,grid,tile", [
+    ("sd3", _sd3, (4, 4), (2, 2)), ("flux", _flux, (4, 4), (2, 2)),
+    ("wan", build_tiny_wan_transformer, (4, 4, 4), (2, 2, 2)),  # video: 3-D tiles over frames × height × width
+])
+def test_processors_are_dense_at_full_density_sparse_below_and_removable(family, build, grid, tile):
     model, inputs = build(), _inputs(family)
     with torch.no_grad():
         dense = model(**inputs, return_dict=False)[0]
-        apply_block_sparse(model, family, BlockSparse(1.0, (2, 2), kernel="torch"), (4, 4))
+        apply_block_sparse(model, family, BlockSparse(1.0, tile, kernel="torch"), grid)
         assert uses_block_sparse(model)
         torch.testing.assert_close(model(**inputs, return_dict=False)[0], dense, atol=1e-5, rtol=0)
 
-        apply_block_sparse(model, family, BlockSparse(0.25, (2, 2), kernel="torch"), (4, 4))
+        apply_block_sparse(model, family, BlockSparse(0.25, tile, kernel="torch"), grid)
         sparse = model(**inputs, return_dict=False)[0]
         assert sparse.isfinite().all() and (sparse - dense).abs().max() > 1e-3
         one = model(**{k: v[:1] if k not in ("txt_ids", "img_ids") else v for k, v in inputs.items()},

@@ -166,3 +166,16 @@ def test_train_help_lists_the_config_fields(capsys):
     text = capsys.readouterr().out
     assert "{config_help}" not in text
     assert "--block_sparse_density" in text and "--learning_rate" in text
+    assert all(family in text for family in ("sd3", "flux", "qwen_image", "wan"))  # the model families
+    assert "--num_frames" in text and "--reward_frames" in text
+
+
+def test_sample_writes_videos_and_a_grid_of_frame_strips(tiny_wan_dir, tmp_path):
+    from PIL import Image
+
+    assert main(["sample", "--model", tiny_wan_dir, "--prompt", "a red square", "--num-steps", "2", "--resolution",
+                 "32", "--width", "48", "--num-frames", "5", "--max-sequence-length", "16",
+                 "--output", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000.webp", "grid.png"]
+    with Image.open(tmp_path / "0000.webp") as video:
+        assert video.n_frames == 5 and video.size == (48, 32)

@@ -1,5 +1,5 @@
-"""The one GPU command (``benchmarks/gpu_suite.py``): its dry run runs every part on the CPU, at the real SD3.5-M and
-FLUX-dev widths cut to one or two blocks, and passes, so the command cannot rot between GPU sessions (about a minute
+"""The one GPU command (``benchmarks/gpu_suite.py``): its dry run runs every part on the CPU, at the real SD3.5-M,
+FLUX-dev and Wan-1.3B widths cut to one or two blocks, and passes, so the command cannot rot between GPU sessions (about a minute
 on 2 cores); a part that fails, hangs or finds no time left is recorded and the suite goes on; the real-size
 configurations are the published models'."""
 
@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
 
 from tempflow.testing import real_size_config
 
@@ -42,14 +47,15 @@ def test_the_dry_run_runs_every_part_on_the_cpu(tmp_path):
     assert all(test["outcome"] == "skipped" for test in tests if test["test"] in CUDA_ONLY_TESTS)
     memory = {part["results"]["size"]: part["results"]["memory_table"] for part in parts.values()
               if part["kind"] == "memory"}
-    assert set(memory) == {"sd35m", "flux-dev"}
-    assert all(len(rows) == 4 and all(row["seconds"] > 0 and row["peak_gb"] is None for row in rows)
-               for rows in memory.values())  # no GPU: no GPU peak
+    assert set(memory) == {"sd35m", "flux-dev", "wan-1.3b"}
+    assert {size: len(rows) for size, rows in memory.items()} == {"sd35m": 4, "flux-dev": 4, "wan-1.3b": 1}
+    assert all(row["seconds"] > 0 and row["peak_gb"] is None for rows in memory.values() for row in rows)  # no GPU peak
     assert parts["throughput"]["results"]["compile"]["graphs_compiled"] == 1
     assert {row["method"].split(" ")[0] for row in parts["attention"]["results"]["transformer"]} == {
         "dense", "token", "block-sparse"}
     report = (tmp_path / "gpu_suite.md").read_text()
     assert "| flux-dev | 64 | 2, 2 | on | on | n/a |" in report and "eager → compiled" in report
+    assert "| wan-1.3b | 64x64, 5 frames | 2, 2 | on | off | n/a |" in report
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.log", "gpu_suite.md"]
 
 
@@ -74,9 +80,13 @@ def test_a_part_that_fails_hangs_or_finds_no_time_is_recorded_and_the_suite_goes
     assert {part["status"] for part in _parts(tmp_path / "late").values()} == {"not run: out of time"}
 
 
-@pytest.mark.parametrize(("size", "model_class", "billions"), [("sd35m", SD3Transformer2DModel, 2.24),
-                                                               ("flux-dev", FluxTransformer2DModel, 11.90)])
+@pytest.mark.parametrize(("size", "model_class", "billions"), [
+    ("sd35m", SD3Transformer2DModel, 2.24), ("flux-dev", FluxTransformer2DModel, 11.90),
+    ("wan-1.3b", WanTransformer3DModel, 1.42), ("wan-14b", WanTransformer3DModel, 14.29),
+    ("qwen-image", QwenImageTransformer2DModel, 20.43),
+])
 def test_the_real_size_configs_have_the_published_parameter_counts(size, model_class, billions):
     with torch.device("meta"):  # shapes only
         model = model_class(**real_size_config(size))
-    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.005)  # DESIGN §6
+    # SD3.5-M and FLUX-dev: DESIGN §6; Wan 2.1 1.3B / 14B and Qwen-Image (20B): what their hub configs build
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.005)

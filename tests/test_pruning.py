@@ -20,6 +20,7 @@ from tempflow.attention.pruning import (
 from tempflow.testing import (
     TINY_MMDIT_TEXT_LEN,
     build_tiny_flux_transformer,
+    build_tiny_wan_transformer,
     rollout_and_recomputed_log_probs,
     seeded_module,
     tiny_mmdit_inputs,
@@ -39,10 +40,16 @@ def _sd3():
 
 
 def _inputs(family, batch=BATCH, seed=0):
+    if family == "wan":  # 4 latent frames of 4×4: a 4×2×2 grid of video tokens
+        generator = torch.Generator().manual_seed(seed)
+        return dict(hidden_states=torch.randn(batch, 4, 4, 4, 4, generator=generator),
+                    encoder_hidden_states=torch.randn(batch, TEXT_LEN, 32, generator=generator),
+                    timestep=torch.rand(batch, generator=generator) * 1000)
     return tiny_mmdit_inputs(family, batch, seed)
 
 
-MODELS = {"sd3": _sd3, "flux": build_tiny_flux_transformer}
+MODELS = {"sd3": _sd3, "flux": build_tiny_flux_transformer, "wan": lambda: build_tiny_wan_transformer(num_layers=4)}
+FAMILIES = list(MODELS)
 
 
 def _run(model, inputs):
@@ -53,7 +60,7 @@ def _blocks(model):
     return list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_is_the_dense_model(family):
     model, inputs = MODELS[family](), _inputs(family)
     with torch.no_grad():
@@ -64,7 +71,7 @@ def test_keep_all_is_the_dense_model(family):
     torch.testing.assert_close(pruned, dense, atol=1e-5, rtol=0)
     # removing the pruner restores the plain forward and FLUX's own attention processors
     assert "forward" not in model.__dict__
-    assert all(type(p) is FluxAttnProcessor for p in model.attn_processors.values()) or family == "sd3"
+    assert all(type(p) is FluxAttnProcessor for p in model.attn_processors.values()) or family != "flux"
     with torch.no_grad():
         torch.testing.assert_close(_run(model, inputs), dense, atol=0, rtol=0)
 
@@ -138,7 +145,7 @@ def test_flux_rope_rows_follow_the_kept_tokens():
     torch.testing.assert_close(pruned, manual, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_sample_is_pruned_on_its_own(family):
     """A sample's prediction does not depend on its batch-mates: rollouts and recomputation batch differently."""
     model, inputs = MODELS[family](), _inputs(family)
@@ -151,7 +158,7 @@ def test_each_sample_is_pruned_on_its_own(family):
             assert all(torch.equal(p[0], q[b]) for p, q in zip(pruner.kept_positions, kept))
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_lora_before_and_after_the_pruning_layer(family):
     model, inputs = MODELS[family](), _inputs(family)
     model.requires_grad_(False)
@@ -168,6 +175,7 @@ def test_gradients_reach_lora_before_and_after_the_pruning_layer(family):
     assert all(torch.isfinite(g).all() for g in grads.values())
     for block in ("0", "2"):  # before and after the pruning layer (FLUX's block 2 is its first single block)
         prefix = "transformer_blocks." + block if family == "sd3" or block == "0" else "single_transformer_blocks.0"
+        prefix = "blocks." + block if family == "wan" else prefix
         assert any(g.abs().sum() > 0 for name, g in grads.items() if name.startswith(prefix + ".") and "lora_B" in name)
 
     model.enable_gradient_checkpointing()

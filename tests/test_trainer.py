@@ -6,7 +6,8 @@ import signal
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from conftest import TINY_WAN_FRAMES, TINY_WAN_SIZE
+from diffusers import StableDiffusion3Pipeline, WanPipeline
 from safetensors.torch import load_file
 
 from tempflow.config import TempFlowGRPOConfig
@@ -76,6 +77,59 @@ def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path, pruning):
         _, stats = trainer.compute_loss(rollout.transitions, embeds)
     assert stats["ratio_min"].item() == pytest.approx(1.0, abs=1e-5)
     assert stats["ratio_max"].item() == pytest.approx(1.0, abs=1e-5)
+
+
+FAMILY_SETTINGS = {"qwen_image": dict(guidance_scale=4.0),
+                   "wan": dict(guidance_scale=5.0, resolution=TINY_WAN_SIZE, num_frames=TINY_WAN_FRAMES)}
+
+
+@pytest.mark.parametrize("family, speed", [("qwen_image", {}), ("wan", {}),
+                                           ("wan", dict(token_pruning_layers=[0], token_pruning_keep_ratio=0.5))],
+                         ids=["qwen_image", "wan", "wan-pruned"])
+def test_qwen_image_and_wan_branch_at_the_stated_cost_and_start_on_policy(family, speed, request, tmp_path):
+    """With CFG (doubled batches, Qwen-Image's norm rescale, its masked prompts of different lengths; Wan also with
+    token pruning) the first inner step recomputes the rollout's log-probs exactly; each seed costs N + G·N(N−1)/2
+    transformer evaluations (the transformer also sees each training row once more, for the KL reference's means)."""
+    config = _config(request.getfixturevalue(f"tiny_{family}_dir"), tmp_path, beta=0.1, **FAMILY_SETTINGS[family],
+                     **speed)
+    trainer = _trainer(config)
+    assert type(trainer.policy.transformer.forward).__name__ == ("TokenPruner" if speed else "method")
+    rows = []
+    trainer.policy.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0] // 2), with_kwargs=True)
+    rollout = trainer.rollout(trainer._sample_prompts())
+    n, g, seeds = config.num_inference_steps, config.num_generations, config.prompts_per_iteration
+    assert rollout.num_model_evals == seeds * (n + g * n * (n - 1) // 2)
+    assert sum(rows) == rollout.num_model_evals + len(rollout.transitions)
+    trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
+    with torch.no_grad():
+        _, stats = trainer.compute_loss(rollout.transitions, rollout.embeds)
+    assert stats["ratio_min"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["ratio_max"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["kl"].item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_wan_trains_with_block_sparse_attention_on_a_video_reward(tiny_wan_dir, tmp_path):
+    """3-D tiles (1 frame × 2 × 2 tokens) over the 3×2×2 grid at density 0.5; an image reward on the first and last
+    frames plus the temporal one; videos in the evaluation samples; the LoRA loads into the stock pipeline."""
+    from tempflow.attention.block_sparse import uses_block_sparse
+
+    config = _config(tiny_wan_dir, tmp_path, **FAMILY_SETTINGS["wan"], num_inference_steps=3, num_generations=2,
+                     prompts_per_iteration=1, max_steps=1, block_sparse_density=0.5, block_sparse_tile=[1, 2, 2],
+                     block_sparse_kernel="torch", reward_funcs=["brightness", "frame_consistency"],
+                     reward_frames=[0, -1])
+    trainer = _trainer(config, eval_prompts=PROMPTS[:1])
+    assert uses_block_sparse(trainer.policy.transformer)
+    summary = trainer.train()
+    history = summary["history"]
+    assert history[0]["train/optimizer_steps"] > 0 and math.isfinite(history[0]["train/grad_norm"])
+    assert history[0]["rollout/model_evals"] == 3 + 2 * 3
+    assert set(summary["evaluations"][0]) >= {"eval/brightness", "eval/frame_consistency"}
+    for name in ("samples/before.png", "samples/after/00.webp", "pytorch_lora_weights.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    lora = _lora_weights(tmp_path)
+    assert any(name.endswith("lora_B.weight") and value.abs().max() > 0 for name, value in lora.items())
+    WanPipeline.from_pretrained(tiny_wan_dir).load_lora_weights(tmp_path)
 
 
 @pytest.mark.parametrize("algorithm", ["tempflow_grpo", "flow_grpo"])

@@ -1,13 +1,21 @@
-"""Model-family adapters (policies): SD3/SD3.5 and FLUX.1 behind one interface (see ``base.py``)."""
+"""Model-family adapters (policies): SD3/SD3.5, FLUX.1, Qwen-Image and Wan 2.1 text-to-video behind one interface
+(see ``base.py``)."""
 
 from __future__ import annotations
 
 from .base import FlowPolicy, PromptEmbeds
 from .flux import FluxPolicy
+from .qwen_image import QwenImagePolicy
 from .sd3 import SD3Policy
+from .wan import WanPolicy
 
-POLICY_CLASSES: dict[str, type[FlowPolicy]] = {"sd3": SD3Policy, "flux": FluxPolicy}
-_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+POLICY_CLASSES: dict[str, type[FlowPolicy]] = {
+    "sd3": SD3Policy, "flux": FluxPolicy, "qwen_image": QwenImagePolicy, "wan": WanPolicy,
+}
+_PIPELINE_FAMILIES = {policy.pipeline_class.__name__: family for family, policy in POLICY_CLASSES.items()}
+_HUB_NAME_FAMILIES = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("qwen-image", "qwen_image"),
+                      ("wan2.1", "wan"), ("wan-ai", "wan"))
+"""Hub ids say their family in their name (first match wins): ``Qwen/Qwen-Image``, ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``."""
 
 
 def infer_family(model_name_or_path: str) -> str:
@@ -18,14 +26,15 @@ def infer_family(model_name_or_path: str) -> str:
     class_name = read_pipeline_class_name(model_name_or_path)
     if class_name is not None:
         if class_name not in _PIPELINE_FAMILIES:
-            raise ValueError(f"{model_name_or_path}: unsupported pipeline class {class_name!r}")
+            raise ValueError(f"{model_name_or_path}: unsupported pipeline class {class_name!r}; supported: "
+                             f"{sorted(_PIPELINE_FAMILIES)}")
         return _PIPELINE_FAMILIES[class_name]
     name = str(model_name_or_path).lower()
-    if "flux" in name:
-        return "flux"
-    if "stable-diffusion-3" in name or "sd3" in name:
-        return "sd3"
-    raise ValueError(f"cannot tell the model family of {model_name_or_path!r}; set model_family to sd3 or flux")
+    for part, family in _HUB_NAME_FAMILIES:
+        if part in name:
+            return family
+    raise ValueError(f"cannot tell the model family of {model_name_or_path!r}; set model_family to one of "
+                     f"{sorted(POLICY_CLASSES)}")
 
 
 def load_policy(model_name_or_path: str, family: str = "auto", **kwargs) -> FlowPolicy:
@@ -38,4 +47,7 @@ def load_policy(model_name_or_path: str, family: str = "auto", **kwargs) -> Flow
     return POLICY_CLASSES[family].from_pretrained(model_name_or_path, **kwargs)
 
 
-__all__ = ["FlowPolicy", "FluxPolicy", "POLICY_CLASSES", "PromptEmbeds", "SD3Policy", "infer_family", "load_policy"]
+__all__ = [
+    "POLICY_CLASSES", "FlowPolicy", "FluxPolicy", "PromptEmbeds", "QwenImagePolicy", "SD3Policy", "WanPolicy",
+    "infer_family", "load_policy",
+]

@@ -2,8 +2,10 @@
 
 A policy wraps a diffusers pipeline and offers: prompt encoding with an embedding cache, the velocity at a
 batch of latents whose samples may sit at different σ (with CFG or guidance embedding as the family uses),
-the σ schedule from the pipeline's scheduler, initial noise, decoding to images, and LoRA (add, save in the
-diffusers format, disable for the KL reference). The rollout engine and the trainer see only this interface.
+the σ schedule from the pipeline's scheduler, initial noise, decoding to images (``[B, 3, H, W]``) or videos
+(``[B, F, 3, H, W]``), and LoRA (add, save in the diffusers format, disable for the KL reference). The rollout
+engine and the trainer see only this interface; a family supplies its transformer's keyword inputs
+(``_transformer_inputs``) and the velocity, CFG included, is computed here once for all families.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,9 +25,17 @@ import torch
 GATES_FILE = "block_sparse_gates.safetensors"
 
 
+PROMPT_MASK = "prompt_embeds_mask"
+"""The name of a family's text attention mask in :class:`PromptEmbeds` (1: token, 0: padding), where it has one."""
+
+
 @dataclass
 class PromptEmbeds:
-    """Text conditioning for a batch of prompts: named tensors that all share the batch dimension."""
+    """Text conditioning for a batch of prompts: named tensors that all share the batch dimension.
+
+    Families whose pipelines pad prompts only to the longest of a batch (Qwen-Image) carry a
+    :data:`PROMPT_MASK`; their embeddings are cached without padding (:meth:`trimmed`) and padded with zeros, the
+    pipelines' own padding, when prompts of different lengths meet in one batch (:meth:`cat`)."""
 
     tensors: dict[str, torch.Tensor]
 
@@ -34,12 +45,37 @@ class PromptEmbeds:
     def __getitem__(self, index) -> PromptEmbeds:
         return PromptEmbeds({name: value[index] for name, value in self.tensors.items()})
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
     def to(self, device) -> PromptEmbeds:
         return PromptEmbeds({name: value.to(device) for name, value in self.tensors.items()})
 
+    def expand(self, batch_size: int) -> PromptEmbeds:
+        """A one-prompt batch broadcast to ``batch_size`` rows (views)."""
+        return PromptEmbeds({name: expand_batch(value, batch_size) for name, value in self.tensors.items()})
+
+    def trimmed(self) -> PromptEmbeds:
+        """Without the trailing positions that the mask marks as padding in every row (unchanged without a mask)."""
+        mask = self.tensors.get(PROMPT_MASK)
+        if mask is None:
+            return self
+        length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+        return PromptEmbeds({name: value[:, :length] if value.shape[1:2] == mask.shape[1:2] else value
+                             for name, value in self.tensors.items()})
+
     @staticmethod
     def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
-        return PromptEmbeds({name: torch.cat([p.tensors[name] for p in parts]) for name in parts[0].tensors})
+        """The parts' rows in order; sequences of different lengths are padded with zeros to the longest."""
+        return PromptEmbeds({name: _cat_padded([p.tensors[name] for p in parts]) for name in parts[0].tensors})
+
+
+def _cat_padded(values: list[torch.Tensor]) -> torch.Tensor:
+    if values[0].ndim < 2 or len({v.shape[1] for v in values}) == 1:
+        return torch.cat(values)
+    length = max(v.shape[1] for v in values)
+    return torch.cat([torch.nn.functional.pad(v, (0, 0) * (v.ndim - 2) + (0, length - v.shape[1])) for v in values])
 
 
 class FlowPolicy:
@@ -52,6 +88,14 @@ class FlowPolicy:
     t5_tokenizer_attribute: str = ""
     unbatched_inputs: tuple[str, ...] = ()
     """Transformer inputs without a batch dimension (shared by all samples of a call)."""
+    true_cfg: bool = True
+    """Whether ``guidance_scale > 1`` means classifier-free guidance with a negative prompt (FLUX: an embedding)."""
+    default_negative_prompt: str = ""
+    rectangular: bool = False
+    """Whether the family samples ``width`` ≠ ``resolution`` (the height); square families refuse it."""
+    video: bool = False
+    """Whether samples are videos (``num_frames``; decoded to ``[B, F, 3, H, W]``)."""
+    default_decode_batch_size: int = 8
 
     def __init__(
         self,
@@ -59,14 +103,25 @@ class FlowPolicy:
         resolution: int = 512,
         guidance_scale: float = 1.0,
         max_sequence_length: int | None = None,
-        decode_batch_size: int = 8,
+        decode_batch_size: int | None = None,
         attention_backend: str = "sdpa",
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
     ):
+        if width is not None and width != resolution and not self.rectangular:
+            raise ValueError(f"{self.family} samples square images: width ({width}) must equal resolution "
+                             f"({resolution}) or be left unset")
+        if num_frames is not None and not self.video:
+            raise ValueError(f"num_frames is for video families (wan); {self.family} samples images")
         self.pipeline = pipeline
         self.resolution = resolution
+        self.width = width or resolution
+        self.num_frames = num_frames
         self.guidance_scale = guidance_scale
+        self.negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
         self.max_sequence_length = max_sequence_length or self._pipeline_max_sequence_length()
-        self.decode_batch_size = decode_batch_size
+        self.decode_batch_size = decode_batch_size or self.default_decode_batch_size
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self._frozen_reference: torch.nn.Module | None = None
         self.softpag = None
@@ -201,8 +256,15 @@ class FlowPolicy:
             with torch.no_grad(), self._truncation_by_design():
                 encoded = self._encode(missing)
             for i, prompt in enumerate(missing):
-                self._embed_cache[prompt] = encoded[i : i + 1].to("cpu")
+                self._embed_cache[prompt] = encoded[i : i + 1].trimmed().to("cpu")
         return PromptEmbeds.cat([self._embed_cache[p] for p in prompts]).to(self.device)
+
+    def _negative_embeds(self) -> PromptEmbeds:
+        """The negative prompt's embeddings (CFG's unconditional branch), kept on the device after first use."""
+        cached = getattr(self, "_negative", None)
+        if cached is None or cached[0] != self.negative_prompt or cached[1].device != self.device:
+            self._negative = cached = (self.negative_prompt, self.encode_prompts([self.negative_prompt]))
+        return cached[1]
 
     @contextlib.contextmanager
     def _truncation_by_design(self):
@@ -258,11 +320,21 @@ class FlowPolicy:
 
     @property
     def image_seq_len(self) -> int:
+        """Image (or video) tokens the transformer sees: the product of :attr:`token_grid`."""
+        return math.prod(self.token_grid)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent shape as the transformer takes it (families that pack latents draw noise their way)."""
         raise NotImplementedError
 
     def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
         """One sample's starting latent ``[1, ...]`` (float32 on CPU) drawn from ``generator``."""
-        raise NotImplementedError
+        return torch.randn((1, *self.latent_shape), generator=generator, dtype=torch.float32)
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.true_cfg and self.guidance_scale > 1.0
 
     def velocity(
         self,
@@ -274,12 +346,37 @@ class FlowPolicy:
         """Velocity ``v ≈ ε − x₀`` at ``latents`` (``[B, ...]``), per-sample ``sigmas`` (``[B]``), float32.
 
         ``model`` replaces the policy's transformer (e.g. the accelerate-wrapped one during training, or a
-        frozen reference); guidance is applied here, so rollouts and log-prob recomputation match.
+        frozen reference); guidance is applied here, so rollouts and log-prob recomputation match. CFG runs the
+        negative prompt and the prompts as one doubled batch.
         """
+        model = model or self.transformer
+        if not self.do_cfg:
+            conditional = self._transformer_inputs(latents, sigmas, embeds)
+            prediction = self._forward(model, **conditional)
+            return self._softpag_guidance(model, prediction, prediction, conditional)
+        both = PromptEmbeds.cat([self._negative_embeds().expand(len(latents)), embeds])
+        doubled = self._transformer_inputs(torch.cat([latents, latents]), torch.cat([sigmas, sigmas]), both)
+        uncond, cond = self._forward(model, **doubled).chunk(2)
+        guided = self._guide(uncond, cond)
+        if self.softpag is None:
+            return guided
+        return self._softpag_guidance(model, guided, cond, self._transformer_inputs(latents, sigmas, embeds))
+
+    def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The guided velocity from CFG's two predictions (a family may rescale it, as Qwen-Image does)."""
+        return classifier_free_guidance(uncond, cond, self.guidance_scale, self.cfg_uncond_gradient)
+
+    def _scheduler_timesteps(self, sigmas: torch.Tensor, device) -> torch.Tensor:
+        """σ on the scheduler's training scale (σ·1000), the timestep that SD3's and Wan's transformers take."""
+        return sigmas.to(device, torch.float32) * self.pipeline.scheduler.config.num_train_timesteps
+
+    def _transformer_inputs(self, latents: torch.Tensor, sigmas: torch.Tensor, embeds: PromptEmbeds) -> dict:
+        """The transformer's keyword inputs for ``latents`` at ``sigmas`` under ``embeds`` (one row each)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images ``[B, 3, H, W]`` in ``[0, 1]`` (float32), decoded in chunks."""
+        """Latents → images ``[B, 3, H, W]`` (videos: ``[B, F, 3, H, W]``) in ``[0, 1]`` (float32), decoded in
+        chunks of ``decode_batch_size`` samples."""
         vae = self.pipeline.vae
         images = []
         with torch.no_grad():
@@ -422,6 +519,15 @@ def read_pipeline_class_name(model_name_or_path: str) -> str | None:
     return json.loads(index.read_text())["_class_name"]
 
 
+def denormalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The per-channel latent normalisation of Wan-style VAEs undone (``[B, C, F, H, W]``), written as
+    ``QwenImagePipeline`` and ``WanPipeline`` write it before decoding."""
+    shape = (1, vae_config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae_config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae_config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents / inverse_std + mean
+
+
 def expand_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Broadcast a ``[1, ...]`` tensor to ``[batch_size, ...]`` (a view)."""
     return values.expand(batch_size, *values.shape[1:])
@@ -445,9 +551,11 @@ def perturbed_attention_guidance(
 
 
 __all__ = [
+    "PROMPT_MASK",
     "FlowPolicy",
     "PromptEmbeds",
     "classifier_free_guidance",
+    "denormalize_latents",
     "expand_batch",
     "perturbed_attention_guidance",
     "read_pipeline_class_name",

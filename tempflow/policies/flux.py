@@ -19,6 +19,7 @@ class FluxPolicy(FlowPolicy):
     default_max_sequence_length = 512
     t5_tokenizer_attribute = "tokenizer_2"
     unbatched_inputs = ("txt_ids", "img_ids")
+    true_cfg = False  # guidance is an embedding: the prediction is already the guided one
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
@@ -38,10 +39,6 @@ class FluxPolicy(FlowPolicy):
     def token_grid(self) -> tuple[int, int]:
         return (self._latent_hw // 2, self._latent_hw // 2)
 
-    @property
-    def image_seq_len(self) -> int:
-        return (self._latent_hw // 2) ** 2
-
     def _base_sigmas(self, num_steps: int) -> list[float]:
         return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
 
@@ -54,24 +51,19 @@ class FluxPolicy(FlowPolicy):
     def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
         return FluxPipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
 
-    def velocity(self, latents, sigmas, embeds, model=None):
-        model = model or self.transformer
+    def _transformer_inputs(self, latents, sigmas, embeds):
         batch, device, dtype = latents.shape[0], latents.device, self.transformer.dtype
         image_ids = FluxPipeline._prepare_latent_image_ids(batch, self._latent_hw // 2, self._latent_hw // 2, device, dtype)
         context = embeds.tensors["prompt_embeds"]
-        text_ids = torch.zeros(context.shape[1], 3, device=device, dtype=dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
-        conditional = dict(
+        return dict(
             hidden_states=latents.to(dtype),
             timestep=sigmas.to(device, torch.float32),
             guidance=guidance,
             pooled_projections=embeds.tensors["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=context.to(dtype),
-            txt_ids=text_ids,
+            txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
             img_ids=image_ids,
         )
-        prediction = self._forward(model, **conditional)
-        # FLUX's prediction is already the conditional one (guidance is an embedding, not a second branch)
-        return self._softpag_guidance(model, prediction, prediction, conditional)

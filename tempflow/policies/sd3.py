@@ -1,11 +1,11 @@
-"""Stable Diffusion 3 / 3.5 policy: MMDiT velocity with classifier-free guidance as one doubled batch."""
+"""Stable Diffusion 3 / 3.5 policy: the MMDiT's inputs (latents, σ·1000, CLIP + T5 embeddings, pooled CLIP); CFG with
+the empty negative prompt as in ``StableDiffusion3Pipeline``."""
 
 from __future__ import annotations
 
-import torch
 from diffusers import StableDiffusion3Pipeline
 
-from .base import FlowPolicy, PromptEmbeds, classifier_free_guidance, expand_batch
+from .base import FlowPolicy, PromptEmbeds
 
 
 class SD3Policy(FlowPolicy):
@@ -28,17 +28,6 @@ class SD3Policy(FlowPolicy):
         )
         return PromptEmbeds({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled})
 
-    def _negative_embeds(self) -> PromptEmbeds:
-        """The empty prompt's embeddings (CFG's unconditional branch), kept on the device after first use."""
-        cached = getattr(self, "_negative", None)
-        if cached is None or cached.tensors["prompt_embeds"].device != self.device:
-            self._negative = cached = self.encode_prompts([""])
-        return cached
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.resolution // self.vae_scale_factor
@@ -49,36 +38,11 @@ class SD3Policy(FlowPolicy):
         patch = self.transformer.config.patch_size
         return (self.latent_shape[1] // patch, self.latent_shape[2] // patch)
 
-    @property
-    def image_seq_len(self) -> int:
-        height, width = self.token_grid
-        return height * width
-
-    def initial_noise(self, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn((1, *self.latent_shape), generator=generator, dtype=torch.float32)
-
-    def velocity(self, latents, sigmas, embeds, model=None):
-        model = model or self.transformer
-        batch, dtype = latents.shape[0], self.transformer.dtype
-        timesteps = sigmas.to(latents.device, torch.float32) * self.pipeline.scheduler.config.num_train_timesteps
-        context, pooled = embeds.tensors["prompt_embeds"], embeds.tensors["pooled_prompt_embeds"]
-        conditional = dict(
+    def _transformer_inputs(self, latents, sigmas, embeds):
+        dtype = self.transformer.dtype
+        return dict(
             hidden_states=latents.to(dtype),
-            timestep=timesteps,
-            encoder_hidden_states=context.to(dtype),
-            pooled_projections=pooled.to(dtype),
+            timestep=self._scheduler_timesteps(sigmas, latents.device),
+            encoder_hidden_states=embeds.tensors["prompt_embeds"].to(dtype),
+            pooled_projections=embeds.tensors["pooled_prompt_embeds"].to(dtype),
         )
-        if not self.do_cfg:
-            prediction = self._forward(model, **conditional)
-            return self._softpag_guidance(model, prediction, prediction, conditional)
-        negative = self._negative_embeds()
-        prediction = self._forward(
-            model,
-            hidden_states=torch.cat([latents, latents]).to(dtype),
-            timestep=torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([expand_batch(negative.tensors["prompt_embeds"], batch), context]).to(dtype),
-            pooled_projections=torch.cat([expand_batch(negative.tensors["pooled_prompt_embeds"], batch), pooled]).to(dtype),
-        )
-        uncond, cond = prediction.chunk(2)
-        guided = classifier_free_guidance(uncond, cond, self.guidance_scale, self.cfg_uncond_gradient)
-        return self._softpag_guidance(model, guided, cond, conditional)
