@@ -89,10 +89,15 @@ def evaluations_to_reach(points: list[dict], target: float) -> float | None:
     return 0.0 if points and points[0][ACCURACY] >= target else None
 
 
+def reference_accuracy(results: dict) -> float:
+    """The reference method's final accuracy, mean over its seeds."""
+    return float(np.mean([points[-1][ACCURACY] for points in results[REFERENCE].values()]))
+
+
 def reach_table(results: dict) -> tuple[float, list[dict]]:
     """Per method: the evaluations its runs need to reach the reference method's final mean accuracy (mean ± std
     over the seeds that reach it, and how many do)."""
-    target = float(np.mean([points[-1][ACCURACY] for points in results[REFERENCE].values()]))
+    target = reference_accuracy(results)
     rows = []
     for method, runs in results.items():
         reached = [e for e in (evaluations_to_reach(points, target) for points in runs.values()) if e is not None]
@@ -136,8 +141,7 @@ def plot(results: dict, path: Path) -> None:
             ax.plot(x, y.mean(0), marker="o", label=method)
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
     if REFERENCE in results:
-        target = np.mean([points[-1][ACCURACY] for points in results[REFERENCE].values()])
-        axes[0].axhline(target, color="gray", linestyle="--", linewidth=1, label=f"{REFERENCE} final")
+        axes[0].axhline(reference_accuracy(results), color="gray", linestyle="--", linewidth=1, label=f"{REFERENCE} final")
     axes[0].set_xlabel("transformer evaluations")
     axes[1].set_xlabel("training wall-clock (s)")
     for ax in axes:

@@ -212,7 +212,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, EvaluateMixin
             output = Path(self.config.output_dir)
             (output / "metrics.json").write_text(json.dumps(summary, indent=2))
             if self.history:
-                headline = self.config.eval_reward_funcs[-1] if self.config.eval_reward_funcs else None
-                plot_reward_curve(self.history, output / "reward_curve.png", self.evaluations, task_reward=headline)
+                plot_reward_curve(self.history, output / "reward_curve.png", self.evaluations,
+                                  task_reward=self._headline_eval_reward())
         self.accelerator.end_training()
         return summary

@@ -69,6 +69,11 @@ class EvaluateMixin:
                 self._save_before_after_grid(images, positions, samples_dir)
         return results
 
+    def _headline_eval_reward(self) -> str | None:
+        """The evaluation reward that picks the before/after prompts and the reward curve's per-task panel: the last
+        of ``eval_reward_funcs`` (e.g. ``shapes_strict``); ``None`` when only the training rewards are scored."""
+        return self.config.eval_reward_funcs[-1] if self.config.eval_reward_funcs else None
+
     def _save_videos(self, videos: torch.Tensor, directory: Path) -> None:
         """The first evaluation videos as ``{directory}/{k}.webp`` (nothing for images)."""
         if not is_video(videos):
@@ -81,7 +86,7 @@ class EvaluateMixin:
         """The prompts the before/after grid shows: the untrained model's worst (by the last evaluation reward,
         e.g. ``shapes_strict``, else the first training reward) from each task in turn, so that every task appears
         and a gain can show (the first prompts of a file are often ones the base already gets right)."""
-        name = self.config.eval_reward_funcs[-1] if self.config.eval_reward_funcs else next(iter(components))
+        name = self._headline_eval_reward() or next(iter(components))
         return worst_per_task(components[name], task_labels(records) or ["all"] * len(records), count=8)
 
     def _save_before_images(self, images: torch.Tensor, positions: list[int], samples_dir: Path) -> None:
