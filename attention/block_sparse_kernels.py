@@ -219,8 +219,14 @@ def _flex_block_sparse_attention(q, k, v, block_index, block_size, dense_prefix,
     k = torch.cat([k[:, :, dense_prefix:], k[:, :, :dense_prefix]], dim=2)
     v = torch.cat([v[:, :, dense_prefix:], v[:, :, :dense_prefix]], dim=2)
     if q.is_cuda:
-        # flex's default 128-token tiles cannot serve smaller sparse blocks (DESIGN §6)
-        options = {"BLOCK_M": block_size, "BLOCK_N": block_size} if block_size < 128 else None
+        # flex's default 128-token tiles cannot serve smaller sparse blocks (DESIGN §6). The backward's tiles are
+        # set too: torch 2.11 does not shrink them itself and then finds no valid backward kernel (H200, 2026-11-28)
+        options = None
+        if block_size < 128:
+            half = max(16, block_size // 2)
+            options = {"fwd_BLOCK_M": block_size, "fwd_BLOCK_N": block_size,
+                       "bwd_BLOCK_M1": half, "bwd_BLOCK_N1": block_size,
+                       "bwd_BLOCK_M2": block_size, "bwd_BLOCK_N2": half}
         out, aux = _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale,
                                                kernel_options=options, return_aux=AuxRequest(lse=True))
     else:

@@ -73,6 +73,11 @@ PARTS = [
     Part("attention", "attention", 60,
          ["benchmarks/attention.py", "--sections", "kernels", "transformer", "--output", "{result}"],
          ("--device", "cpu", "--repeats", "1")),
+    # the same kernel shapes on FlexAttention: on the H200 the default (Triton) block-sparse kernel lost to dense
+    # SDPA at image sizes (2026-11-28); this row says whether flex should be the default on CUDA
+    Part("attention-flex", "attention", 40,
+         ["benchmarks/attention.py", "--sections", "kernels", "--kernel", "flex", "--output", "{result}"],
+         ("--device", "cpu", "--repeats", "1")),
     # Wan 2.1 1.3B (random weights, real config): one training iteration at the card's 480x832 with 17 of its 81
     # frames (7 800 tokens), N = 3, G = 2, checkpointing only; the time comes from throughput's second repeat
     Part("memory-wan-1.3b", "memory", 45,
@@ -204,7 +209,7 @@ def memory_section(parts: list[dict]) -> list[str]:
 def attention_section(parts: list[dict]) -> list[str]:
     lines = []
     for r in (p["results"] for p in parts):
-        lines += [f"## Attention ({r['dtype']})", ""]
+        lines += [f"## Attention ({r['dtype']}, block-sparse kernel: {r.get('kernel', 'auto')})", ""]
         lines += _table(["shape", "tokens", "method", "ms", "vs dense", "relative error"],
                         [[k["shape"], k["tokens"], k["method"], k["ms"], k["speedup"], k["rel_error"]]
                          for k in r.get("kernels", [])])

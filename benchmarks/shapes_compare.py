@@ -154,6 +154,19 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def previous_runs(results_path: Path, args) -> dict:
+    """The runs of an earlier invocation with the same budget and evaluation marks (JSON keys are strings: seeds
+    become ints again); methods and seeds not asked for now are kept too, so the table and plot show them."""
+    if not results_path.exists():
+        return {}
+    previous = json.loads(results_path.read_text())
+    for key in ("budget", "eval_every"):
+        if previous["args"][key] != getattr(args, key):
+            raise SystemExit(f"--resume: {results_path} has {key}={previous['args'][key]}, "
+                             f"this run asks for {getattr(args, key)}; use another --output-dir")
+    return {method: {int(seed): points for seed, points in runs.items()} for method, runs in previous["runs"].items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=40000, help="transformer evaluations per run")
@@ -163,6 +176,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-eval-prompts", type=int, default=None, help="held-out prompts (default all)")
     parser.add_argument("--prompts-per-iteration", type=int, default=None, help="override the recipe's")
     parser.add_argument("--output-dir", default="outputs/shapes_compare")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in OUTPUT_DIR/results.json (same budget and marks) and run the rest")
     args = parser.parse_args(argv)
 
     base = yaml.safe_load(RECIPE.read_text())
@@ -172,9 +187,11 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / "results.json"
-    results: dict = {}
+    results = previous_runs(results_path, args) if args.resume else {}
     for method in args.methods:
         for seed in args.seeds:
+            if seed in results.get(method, {}):
+                continue
             results.setdefault(method, {})[seed] = run(method, seed, args.budget, args.eval_every, base, output_dir)
             # written after every run, so an interrupted benchmark keeps what it measured
             results_path.write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))

@@ -250,8 +250,8 @@ class RolloutEngine:
         while queue:
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             latents = torch.cat([t.latents for t in batch])
-            sigma = torch.tensor([t.sigma for t in batch])
-            sigma_next = torch.tensor([t.sigma_next for t in batch])
+            sigma = torch.tensor([t.sigma for t in batch], device=latents.device)
+            sigma_next = torch.tensor([t.sigma_next for t in batch], device=latents.device)
             velocity = self.policy.velocity(latents, sigma, embeds[[t.prompt_index for t in batch]])
             num_evals += len(batch)
             next_latents = ode_step(latents, velocity, sigma, sigma_next).next_latents
@@ -299,7 +299,8 @@ class RolloutEngine:
         ]).to(latents.device)
         out = self.step(
             latents.expand(g, *latents.shape[1:]), velocity.expand(g, *velocity.shape[1:]),
-            torch.full((g,), track.sigma), torch.full((g,), track.sigma_next), noise=noise,
+            torch.full((g,), track.sigma, device=latents.device), torch.full((g,), track.sigma_next, device=latents.device),
+            noise=noise,
         )
         child_sigmas = coarsen_schedule(track.sigmas[track.position + 1 :], track.child_num_steps)
         first = (track.trajectory_index * len(track.branch_positions) + track.branch_positions.index(track.position)) * g

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -40,6 +42,16 @@ def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path)
     assert {row["budget"] for row in results["summary"]} == {0, 300}
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and "flow_grpo" in (tmp_path / "table.md").read_text()
     assert [row["method"] for row in results["evaluations_to_reach"]] == ["tempflow_grpo", "flow_grpo"]
+
+    # --resume keeps the finished runs (they are not rerun: their points stay identical) and adds the new method
+    module.main(["--budget", "300", "--eval-every", "300", "--seeds", "0", "--methods", "tempflow_no_weighting",
+                 "--num-eval-prompts", "3", "--prompts-per-iteration", "2", "--output-dir", str(tmp_path), "--resume"])
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert set(resumed["runs"]) == {"tempflow_grpo", "flow_grpo", "tempflow_no_weighting"}
+    assert resumed["runs"]["flow_grpo"] == results["runs"]["flow_grpo"]
+    assert "tempflow_no_weighting" in (tmp_path / "table.md").read_text()
+    with pytest.raises(SystemExit, match="budget=300"):
+        module.main(["--budget", "600", "--output-dir", str(tmp_path), "--resume"])
 
 
 def test_evaluations_to_reach_interpolates_between_marks_and_says_never():

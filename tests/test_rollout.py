@@ -132,3 +132,19 @@ def test_coarsen_schedule_keeps_ends(max_steps, expected):
     coarse = coarsen_schedule(sigmas, max_steps)
     assert len(coarse) - 1 == expected
     assert coarse[0] == sigmas[0] and coarse[-1] == 0
+
+
+def test_rollouts_keep_every_tensor_on_the_policy_device(sd3_policy):
+    """A transformer on another device than the CPU (here ``meta``, which computes shapes only) must get its whole
+    rollout there: a schedule tensor left on the CPU fails the first step on a GPU. CI has no GPU; this is the
+    CPU-side guard for what the GPU suite first found on an H200 (σ built on the CPU in the packed loop)."""
+    embeds = sd3_policy.encode_prompts(PROMPTS)
+    sd3_policy.transformer.to("meta")
+    engine = RolloutEngine(sd3_policy, noise_level=0.7, batch_size=4)
+    embeds = embeds.to("meta")
+    branched = engine.branched(embeds, [0, 1], [11, 12], N, list(range(N - 1)), G, child_num_steps=2)
+    windowed = engine.trajectories(embeds, [0, 1], [11, 12], [0, 1], N, sde_window=(1, 2))
+    samples = engine.sample(embeds, [0, 1], [11, 12], N)
+    for tensor in (branched.final_latents, branched.transitions.log_probs, windowed.final_latents,
+                   windowed.transitions.log_probs, samples):
+        assert tensor.device.type == "meta"
