@@ -39,9 +39,11 @@ def run(method: str, seed: int, budget: int, eval_every: int, base: dict, output
     values = {**base, **METHODS[method], "seed": seed, "max_steps": 10**9, "save_steps": 10**9,
               "output_dir": str(output_dir / f"{method}-seed{seed}"), "overwrite_output_dir": True,  # runs start afresh
               "disable_progress_bar": True}
-    if values.get("algorithm") == "flow_grpo":
+    if not TempFlowGRPOConfig(**values).branched:
         # Flow-GRPO's own scripts accumulate gradients over every trained timestep of a sample batch (accelerate's
-        # gradient_accumulation_steps = samples x num_train_timesteps): one optimizer step per iteration's rows
+        # gradient_accumulation_steps = samples x num_train_timesteps): one optimizer step per iteration's rows.
+        # The no-branching ablation trains the same full trajectories, so it steps the same way; with the
+        # branched recipe's one step per micro-batch it took 9x the optimizer steps and collapsed (BENCHMARKS.md).
         values["gradient_accumulation_steps"] = values.get("sde_window_size") or values["num_inference_steps"] - 1
     trainer = TempFlowGRPOTrainer(TempFlowGRPOConfig(**values))
     points = [{"model_evals": 0, "seconds": 0.0, **trainer.evaluate("start")}]
