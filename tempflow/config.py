@@ -15,6 +15,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,10 @@ reference runs between a training forward and its backward."""
 
 def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
+
+
+MAX_UNBRANCHED_STEPS_PER_PASS = 2
+"""Optimizer steps per pass over an un-branched rollout above which the config warns (Flow-GRPO's scripts take 1-2)."""
 
 
 @dataclass
@@ -496,6 +501,15 @@ class TempFlowGRPOConfig:
             reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
         if self.branched and self.sde_window_size is not None:
             reject("sde_window_size", "applies to un-branched rollouts only (flow_grpo, or branching: false)")
+        steps_per_pass = self.optimizer_steps_per_iteration // self.num_iterations
+        if not self.branched and steps_per_pass > MAX_UNBRANCHED_STEPS_PER_PASS:
+            trained = self.sde_window_size or self.num_inference_steps - 1
+            warnings.warn(
+                f"un-branched rollouts train every stochastic step of every trajectory ({self.rows_per_iteration} "
+                f"rows per iteration), so this config takes {steps_per_pass} optimizer steps per pass over one "
+                f"rollout; Flow-GRPO's scripts take 1-2. Consider gradient_accumulation_steps: {trained} (the trained "
+                "timesteps): on ShapesWorld, 9 steps per rollout made the no-branching ablation collapse "
+                "(BENCHMARKS.md)", stacklevel=4)
 
     @property
     def branched(self) -> bool:

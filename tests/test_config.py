@@ -1,5 +1,6 @@
 """Config validation, YAML recipes and CLI overrides (the TrlParser way)."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,17 @@ def test_warmup_and_optimizer_steps_per_iteration():
         TempFlowGRPOConfig(warmup_steps=5)
     with pytest.raises(ValueError, match="lr_scheduler_type"):
         TempFlowGRPOConfig(lr_scheduler_type="cosine_annealing")
+
+
+def test_unbranched_configs_warn_when_one_rollout_takes_many_optimizer_steps():
+    """Full trajectories give ~3x the rows of a branched iteration; at the branched recipe's micro-batching that
+    was 9 optimizer steps per rollout, and the no-branching ablation collapsed (BENCHMARKS.md)."""
+    shapes = str(Path(__file__).parents[1] / "recipes" / "shapes.yaml")
+    with pytest.warns(UserWarning, match=r"9 optimizer steps per pass .* gradient_accumulation_steps: 9"):
+        parse_config(shapes, ["--algorithm", "flow_grpo"])
+    with pytest.warns(UserWarning, match="optimizer steps per pass"):
+        parse_config(shapes, ["--branching", "false"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_config(shapes, [])  # branched: 3 steps, as the demo trains
+        parse_config(shapes, ["--algorithm", "flow_grpo", "--gradient_accumulation_steps", "9"])
