@@ -209,7 +209,7 @@ def memory_section(parts: list[dict]) -> list[str]:
 def attention_section(parts: list[dict]) -> list[str]:
     lines = []
     for r in (p["results"] for p in parts):
-        lines += [f"## Attention ({r['dtype']}, block-sparse kernel: {r.get('kernel', 'auto')})", ""]
+        lines += [f"## Attention ({r['dtype']}, block-sparse kernel: {r['kernel']})", ""]
         lines += _table(["shape", "tokens", "method", "ms", "vs dense", "relative error"],
                         [[k["shape"], k["tokens"], k["method"], k["ms"], k["speedup"], k["rel_error"]]
                          for k in r.get("kernels", [])])

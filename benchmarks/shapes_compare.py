@@ -11,8 +11,10 @@ the results are written as JSON, a Markdown table and a PNG plot (versus evaluat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from tempflow import TempFlowGRPOConfig, TempFlowGRPOTrainer
+from tempflow.config import UnbranchedStepsWarning
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "shapes.yaml"
 METHODS = {
@@ -39,13 +42,16 @@ def run(method: str, seed: int, budget: int, eval_every: int, base: dict, output
     values = {**base, **METHODS[method], "seed": seed, "max_steps": 10**9, "save_steps": 10**9,
               "output_dir": str(output_dir / f"{method}-seed{seed}"), "overwrite_output_dir": True,  # runs start afresh
               "disable_progress_bar": True}
-    if not TempFlowGRPOConfig(**values).branched:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnbranchedStepsWarning)  # the recipe's schedule, replaced just below
+        config = TempFlowGRPOConfig(**values)
+    if not config.branched:
         # Flow-GRPO's own scripts accumulate gradients over every trained timestep of a sample batch (accelerate's
         # gradient_accumulation_steps = samples x num_train_timesteps): one optimizer step per iteration's rows.
         # The no-branching ablation trains the same full trajectories, so it steps the same way; with the
         # branched recipe's one step per micro-batch it took 9x the optimizer steps and collapsed (BENCHMARKS.md).
-        values["gradient_accumulation_steps"] = values.get("sde_window_size") or values["num_inference_steps"] - 1
-    trainer = TempFlowGRPOTrainer(TempFlowGRPOConfig(**values))
+        config = dataclasses.replace(config, gradient_accumulation_steps=config.trained_timesteps)
+    trainer = TempFlowGRPOTrainer(config)
     points = [{"model_evals": 0, "seconds": 0.0, **trainer.evaluate("start")}]
     used, seconds, next_mark = 0, 0.0, eval_every
     with tqdm(total=budget, desc=f"{method} seed {seed}", unit="eval") as bar:

@@ -56,6 +56,10 @@ MAX_UNBRANCHED_STEPS_PER_PASS = 2
 """Optimizer steps per pass over an un-branched rollout above which the config warns (Flow-GRPO's scripts take 1-2)."""
 
 
+class UnbranchedStepsWarning(UserWarning):
+    """An un-branched config takes more than :data:`MAX_UNBRANCHED_STEPS_PER_PASS` optimizer steps per rollout."""
+
+
 @dataclass
 class TempFlowGRPOConfig:
     # --- run ---
@@ -503,13 +507,12 @@ class TempFlowGRPOConfig:
             reject("sde_window_size", "applies to un-branched rollouts only (flow_grpo, or branching: false)")
         steps_per_pass = self.optimizer_steps_per_iteration // self.num_iterations
         if not self.branched and steps_per_pass > MAX_UNBRANCHED_STEPS_PER_PASS:
-            trained = self.sde_window_size or self.num_inference_steps - 1
             warnings.warn(
                 f"un-branched rollouts train every stochastic step of every trajectory ({self.rows_per_iteration} "
                 f"rows per iteration), so this config takes {steps_per_pass} optimizer steps per pass over one "
-                f"rollout; Flow-GRPO's scripts take 1-2. Consider gradient_accumulation_steps: {trained} (the trained "
-                "timesteps): on ShapesWorld, 9 steps per rollout made the no-branching ablation collapse "
-                "(BENCHMARKS.md)", stacklevel=4)
+                f"rollout; Flow-GRPO's scripts take 1-2. Consider gradient_accumulation_steps: {self.trained_timesteps} "
+                "(the trained timesteps): on ShapesWorld, 9 steps per rollout made the no-branching ablation "
+                "collapse (BENCHMARKS.md)", UnbranchedStepsWarning, stacklevel=4)
 
     @property
     def branched(self) -> bool:
@@ -528,8 +531,13 @@ class TempFlowGRPOConfig:
             pool = len(self.branch_steps) if self.branch_steps else self.num_inference_steps - 1
             steps = self.num_branch_steps_per_iteration or pool
             return self.prompts_per_iteration * self.seeds_per_prompt * steps * self.num_generations
-        trained = self.sde_window_size or self.num_inference_steps - 1
-        return self.prompts_per_iteration * self.num_generations * trained
+        return self.prompts_per_iteration * self.num_generations * self.trained_timesteps
+
+    @property
+    def trained_timesteps(self) -> int:
+        """Stochastic steps trained per trajectory of an un-branched rollout: the SDE window, else every step but
+        the last."""
+        return self.sde_window_size or self.num_inference_steps - 1
 
     @property
     def optimizer_steps_per_iteration(self) -> int:

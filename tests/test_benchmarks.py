@@ -30,6 +30,7 @@ def test_throughput_benchmark_runs_on_tiny_config(tmp_path):
     assert compiled["graphs_compiled"] == 1  # the dynamic batch: one graph for the sweep and the rollout
 
 
+@pytest.mark.filterwarnings("error::tempflow.config.UnbranchedStepsWarning")  # flow_grpo runs get their accumulation
 def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path):
     module = _load("shapes_compare")
     module.main(["--budget", "300", "--eval-every", "300", "--seeds", "0", "--methods", "tempflow_grpo", "flow_grpo",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tempflow.config import TempFlowGRPOConfig, parse_config
+from tempflow.config import TempFlowGRPOConfig, UnbranchedStepsWarning, parse_config
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -93,9 +93,9 @@ def test_unbranched_configs_warn_when_one_rollout_takes_many_optimizer_steps():
     """Full trajectories give ~3x the rows of a branched iteration; at the branched recipe's micro-batching that
     was 9 optimizer steps per rollout, and the no-branching ablation collapsed (BENCHMARKS.md)."""
     shapes = str(Path(__file__).parents[1] / "recipes" / "shapes.yaml")
-    with pytest.warns(UserWarning, match=r"9 optimizer steps per pass .* gradient_accumulation_steps: 9"):
+    with pytest.warns(UnbranchedStepsWarning, match=r"9 optimizer steps per pass .* gradient_accumulation_steps: 9"):
         parse_config(shapes, ["--algorithm", "flow_grpo"])
-    with pytest.warns(UserWarning, match="optimizer steps per pass"):
+    with pytest.warns(UnbranchedStepsWarning, match="optimizer steps per pass"):
         parse_config(shapes, ["--branching", "false"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
