@@ -34,7 +34,8 @@ from throughput import timed  # noqa: E402
 
 from tempflow.attention.block_sparse import BlockSparse, apply_block_sparse, joint_sparse_attention  # noqa: E402
 from tempflow.attention.pruning import TokenPruning, apply_token_pruning  # noqa: E402
-from tempflow.testing import FLUX_DEV, build_real_size_transformer  # noqa: E402
+from tempflow.model_configs import FLUX_DEV  # noqa: E402
+from tempflow.testing import build_real_size_transformer  # noqa: E402
 
 GPU_SHAPES = {
     "sd35m-1024px": dict(grid=(64, 64), text=333, heads=24, dim=64, tile=(8, 8)),

@@ -10,6 +10,8 @@ and get advantage 0, so they push the policy nowhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import SCALE_REWARDS as SCALE_CHOICES
@@ -24,12 +26,13 @@ def group_advantages(
     scale_rewards: str = "group",
     eps: float = 1e-4,
     clip: float | None = None,
+    batch_std: float | None = None,
 ) -> torch.Tensor:
     """``A = (r − mean_group(r)) / (std + eps)`` for flat ``rewards`` and integer ``group_ids`` of equal shape.
 
-    ``scale_rewards``: ``"group"`` divides by each group's std, ``"batch"`` by the std of the whole batch,
-    ``"none"`` only centres. Stds are population stds (``unbiased=False``), as in the reference code.
-    ``clip`` clamps the result to ``±clip``.
+    ``scale_rewards``: ``"group"`` divides by each group's std, ``"batch"`` by the std of the whole batch
+    (``batch_std``, e.g. :func:`pooled_std` over all processes; default: of ``rewards``), ``"none"`` only centres.
+    Stds are population stds (``unbiased=False``), as in the reference code. ``clip`` clamps the result to ``±clip``.
     """
     if scale_rewards not in SCALE_CHOICES:
         raise ValueError(f"scale_rewards must be one of {SCALE_CHOICES}, got {scale_rewards!r}")
@@ -38,12 +41,31 @@ def group_advantages(
     if scale_rewards == "group":
         advantages = centred / (stds[inverse] + eps)
     elif scale_rewards == "batch":
-        advantages = centred / (values[valid].std(unbiased=False) + eps) if valid.any() else centred
+        if batch_std is None and valid.any():
+            batch_std = float(values[valid].std(unbiased=False))
+        advantages = centred if batch_std is None else centred / (batch_std + eps)
     else:
         advantages = centred
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
     return advantages
+
+
+def pooled_std(rewards: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
+    """Population std of the finite rewards of every process (None if there are none): each process's count, sum
+    and sum of squares (float64), summed over ``gather``, which concatenates a tensor over processes (e.g.
+    ``Accelerator.gather``; None: this process only). Flow-GRPO's ``global_std`` is this std over the rewards
+    gathered from all GPUs."""
+    values = rewards.double().flatten()
+    values = values[torch.isfinite(values)]
+    moments = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64), values.sum(), (values**2).sum()])
+    if gather is not None:
+        moments = gather(moments).reshape(-1, 3).sum(dim=0)
+    count, total, squares = (float(m) for m in moments)
+    if count == 0:
+        return None
+    mean = total / count
+    return max(squares / count - mean * mean, 0.0) ** 0.5
 
 
 def group_spread(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +80,21 @@ def informative_samples(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch
     from the spread rather than by comparing advantages with 0, which float rounding of the group mean can miss."""
     valid, _, inverse, _, stds = _group_statistics(rewards, group_ids)
     return valid & (stds > SPREAD_TOLERANCE)[inverse]
+
+
+def informative_child_slots(rewards: torch.Tensor, group_ids: torch.Tensor, trajectory_ids: torch.Tensor) -> torch.Tensor:
+    """Per sample of a branched rollout: whether its *child slot* has any non-zero advantage. TempFlow-GRPO's
+    ``train_sd3_pr.py`` stores the k-th children of one ODE path at every branch step as one sample (a row of
+    per-step advantages) and drops a sample only when all of its advantages are zero; here the k-th sample of each
+    group (in sample order) of one trajectory forms that slot."""
+    informative = informative_samples(rewards, group_ids)
+    _, groups = torch.unique(group_ids.flatten(), return_inverse=True)
+    order = torch.argsort(groups, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(order)) - torch.searchsorted(groups[order], groups[order])
+    _, slots = torch.unique(torch.stack([trajectory_ids.flatten(), ranks]), dim=1, return_inverse=True)
+    slot_informative = torch.zeros(int(slots.max()) + 1 if slots.numel() else 0).index_add_(0, slots, informative.float())
+    return slot_informative[slots] > 0
 
 
 def _group_statistics(rewards: torch.Tensor, group_ids: torch.Tensor):

@@ -5,8 +5,9 @@
     tempflow sample --prompt "..." [--lora DIR] ...    generate images (or videos: animated WebP / MP4)
     tempflow pretrain-shapes                           rebuild the ShapesWorld pipeline
     tempflow serve-reward NAME [--port P] [--token T]  run a reward behind HTTP (the `remote` reward calls it)
+    tempflow check-recipe RECIPE.yaml                  compare a recipe with the official run it reproduces
 
-Exit codes: 0 done; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
+Exit codes: 0 done; 1 check-recipe found an unstated difference; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
 non-finite steps); 128+N stopped by signal N after writing a checkpoint (resume with
 ``--resume_from_checkpoint latest``).
 """
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                                help="file format of video samples (default webp; mp4 needs tempflow[video])")
     commands.add_parser("pretrain-shapes", help="pretrain the ShapesWorld pipeline (see --help)", add_help=False)
     commands.add_parser("serve-reward", help="serve a registered reward over HTTP (see --help)", add_help=False)
+    commands.add_parser("check-recipe", help="compare a recipe with the official run it reproduces (see --help)",
+                        add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         from .rewards.server import main as serve_reward
 
         return serve_reward(argv[1:]) or 0
+    if argv[:1] == ["check-recipe"]:
+        from .recipe_check import main as check_recipe
+
+        return check_recipe(argv[1:])
     if argv[:1] == ["train"] and {"-h", "--help"} & set(argv):
         train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
         train_parser.print_help()

@@ -40,7 +40,7 @@ REWARD_ERROR_POLICIES = ("raise", "skip")
 LORA_INITS = ("gaussian", "default")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 KL_NORMALIZATIONS = ("step_variance", "noise_scale")
-LOSS_MEAN_OVER = ("all_rows", "nonzero_advantage_rows")
+LOSS_MEAN_OVER = ("all_rows", "nonzero_advantage_rows", "nonzero_advantage_child_slots")
 LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 """Learning-rate schedules offered (diffusers' ``get_scheduler`` names, as in TRL's ``lr_scheduler_type``)."""
 """``torch.compile`` modes offered. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) are not: CUDA
@@ -203,7 +203,7 @@ class TempFlowGRPOConfig:
         "[first, last] step where a window may start; default the whole trajectory.", default=None
     )
 
-    # --- objective, with the switches between the peers' conventions (README: Fidelity switches) ---
+    # --- objective, with the switches between the peers' conventions (README: Fidelity) ---
     epsilon: float = _help("Clip range ε of the ratio (tiny on purpose in this field).", default=1e-4)
     beta: float = _help(
         "KL coefficient to the reference policy (LoRA disabled): beta·mean((μ_θ−μ_ref)²)/(2·std²), std as "
@@ -227,7 +227,10 @@ class TempFlowGRPOConfig:
         "Which rows the loss averages over. `all_rows`: every training row. `nonzero_advantage_rows`: rows whose "
         "advantage is zero (their group's rewards are all equal, or their sample went unscored) leave the loss "
         "mean, as the Flow-GRPO and TempFlow-GRPO codes drop such samples: the other rows' loss is not diluted. "
-        "Rows stay in their micro-batches (masked), so every process takes the same optimizer steps.",
+        "`nonzero_advantage_child_slots` (branched rollouts): TempFlow-GRPO's train_sd3_pr.py keeps the k-th children "
+        "of one ODE path at every branch step together as one sample and leaves them out only when all their "
+        "advantages are zero. Rows stay in their micro-batches (masked), so every process takes the same optimizer "
+        "steps.",
         default="all_rows",
     )
 
@@ -266,7 +269,13 @@ class TempFlowGRPOConfig:
         "Optimizer steps with non-finite gradients are skipped; this many in a row stop the run.", default=10
     )
     use_ema: bool = _help("Keep an EMA of the trainable weights (evaluation and export use it).", default=False)
-    ema_decay: float = _help("EMA decay per optimizer step.", default=0.9)
+    ema_decay: float = _help("EMA decay per update.", default=0.9)
+    ema_update_interval: int = _help(
+        "Update the EMA after optimizer step n when n + 1 is a multiple of this (the official TempFlow-GRPO and "
+        "Flow-GRPO scripts: 8, their EMAModuleWrapper's update_step_interval), with decay min(ema_decay, "
+        "(1 + n)/(10 + n)); 1: after every step.",
+        default=1,
+    )
     ema_offload: bool = _help(
         "Keep the EMA in CPU memory and update it there (the trainable weights are copied to the CPU once per "
         "optimizer step): frees one copy of them from GPU memory, at the cost of that transfer.",
@@ -362,6 +371,25 @@ class TempFlowGRPOConfig:
     report_to: str = _help("accelerate tracker: `tensorboard`, `wandb` or `none`.", default="none")
     disable_progress_bar: bool = _help("Hide progress bars.", default=False)
 
+    # --- provenance: the official run a recipe reproduces (`tempflow check-recipe`, README "Fidelity") ---
+    reference: str | None = _help(
+        "The official configuration this recipe reproduces, e.g. `tempflow_grpo/geneval_sd3_pr` (`tempflow "
+        "check-recipe --list` names them); `none`: it claims none. No effect on training.",
+        default=None,
+    )
+    deviations: dict | str | None = _help(
+        "Where the recipe differs from its reference on purpose: hyperparameter name (as `tempflow check-recipe` "
+        "prints it) -> one line of reason (JSON on the command line). The check fails on any difference not stated "
+        "here. No effect on training.",
+        default=None,
+    )
+    recipe_num_processes: int | None = _help(
+        "The process (GPU) count this recipe's per-process sizes (prompts_per_iteration, "
+        "gradient_accumulation_steps) were derived for; the trainer warns when launched on another count, whose "
+        "global batch differs. `tempflow check-recipe` prints the sizes for other counts.",
+        default=None,
+    )
+
     def __post_init__(self) -> None:
         self._check_types()
         if isinstance(self.reward_kwargs, str):
@@ -370,6 +398,11 @@ class TempFlowGRPOConfig:
             except json.JSONDecodeError as err:
                 raise ValueError(f"config `reward_kwargs`: not valid JSON ({err.msg})") from None
         self.reward_kwargs = self.reward_kwargs or {}
+        if isinstance(self.deviations, str):
+            try:
+                self.deviations = json.loads(self.deviations)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config `deviations`: not valid JSON ({err.msg})") from None
         self._validate()
 
     def _check_types(self) -> None:
@@ -422,6 +455,8 @@ class TempFlowGRPOConfig:
             reject("warmup_ratio", "must lie in [0, 1)")
         if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
             reject("lr_scheduler_type", "constant takes no warmup; use constant_with_warmup")
+        positive("ema_update_interval", "recipe_num_processes")
+        self._check_deviations()
         positive(
             "resolution", "num_inference_steps", "eval_num_inference_steps", "num_generations",
             "prompts_per_iteration", "seeds_per_prompt", "rollout_batch_size", "num_iterations",
@@ -503,6 +538,9 @@ class TempFlowGRPOConfig:
                 reject("reward_frames", f"indices must lie in [-{frames}, {frames - 1}] for num_frames {frames}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
+        if self.loss_mean_over == "nonzero_advantage_child_slots" and not self.branched:
+            reject("loss_mean_over", "nonzero_advantage_child_slots needs branched rollouts (tempflow_grpo with "
+                   "branching); un-branched samples are their own slots: use nonzero_advantage_rows")
         if self.branched and self.sde_window_size is not None:
             reject("sde_window_size", "applies to un-branched rollouts only (flow_grpo, or branching: false)")
         steps_per_pass = self.optimizer_steps_per_iteration // self.num_iterations
@@ -513,6 +551,15 @@ class TempFlowGRPOConfig:
                 f"rollout; Flow-GRPO's scripts take 1-2. Consider gradient_accumulation_steps: {self.trained_timesteps} "
                 "(the trained timesteps): on ShapesWorld, 9 steps per rollout made the no-branching ablation "
                 "collapse (BENCHMARKS.md)", UnbranchedStepsWarning, stacklevel=4)
+
+    def _check_deviations(self) -> None:
+        if self.deviations is None:
+            return
+        if not isinstance(self.deviations, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() and "\n" not in v.strip()
+            for k, v in self.deviations.items()
+        ):
+            raise ValueError("config `deviations`: must map hyperparameter names to one line of reason each")
 
     @property
     def branched(self) -> bool:

@@ -42,6 +42,15 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from .model_configs import (
+    FLUX_DEV,
+    FLUX_SCHEDULER,
+    QWEN_IMAGE,
+    QWEN_IMAGE_SCHEDULER,
+    SD35_MEDIUM,
+    WAN_1_3B,
+    WAN_14B,
+)
 from .offline_tokenizers import build_clip_tokenizer, build_qwen_tokenizer, build_t5_tokenizer, tiny_t5_config
 from .policies import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy, WanPolicy
 
@@ -188,9 +197,7 @@ def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 
 
 def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """FLUX.1-dev's: the σ shift grows with the image's token count."""
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                           base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
 
 
 # Qwen-Image's and Wan's VAE statistics (their first 4 of 16 channels): decoding must undo this normalisation
@@ -198,12 +205,8 @@ _WAN_STYLE_LATENT_STATS = dict(latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],
 
 
 def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """Qwen/Qwen-Image's ``scheduler_config.json``: an exponential shift growing with the image's token count (up to
-    8192 tokens) and the σ schedule stretched to end at 0.02."""
-    return FlowMatchEulerDiscreteScheduler(
-        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
-    )
+    """Qwen/Qwen-Image's scheduler (:data:`~tempflow.model_configs.QWEN_IMAGE_SCHEDULER`)."""
+    return FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
 
 
 def build_tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
@@ -272,40 +275,6 @@ def save_tiny_pipeline(pipeline, directory) -> str:
     pipeline.save_pretrained(directory)
     return str(directory)
 
-
-SD35_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-"""stabilityai/stable-diffusion-3.5-medium's transformer (2.24 B parameters): the hub's ``transformer/config.json``.
-diffusers 0.42.1 tells SD3.5-M checkpoints by their 384² = 147456 positions and 9216 = 6·1536-wide adaLN
-(``infer_diffusers_model_type``, ``loaders/single_file_utils.py``) and reads the dual-attention layers and the
-q/k norm off the weights."""
-
-FLUX_DEV = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-"""black-forest-labs/FLUX.1-dev's transformer (11.9 B parameters): ``FluxTransformer2DModel``'s defaults in diffusers
-0.42.1 plus the guidance embedding, whose weights are how diffusers tells dev from schnell checkpoints."""
-
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, rope_max_seq_len=1024,
-)
-"""Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer (1.42 B parameters): 30 blocks of 12 heads of 128, FFN 8960."""
-
-WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-"""Wan-AI/Wan2.1-T2V-14B-Diffusers' transformer (14.29 B parameters)."""
-
-QWEN_IMAGE = dict(
-    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
-)
-"""Qwen/Qwen-Image's transformer (20.43 B parameters): ``QwenImageTransformer2DModel``'s defaults in diffusers 0.42."""
 
 REAL_SIZES = ("sd35m", "flux-dev")
 """The image sizes the GPU tests run. :func:`build_real_size_policy` also builds ``wan-1.3b`` (the GPU suite's video

@@ -75,6 +75,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, EvaluateMixin
             project_dir=config.output_dir,
         )
         set_seed(config.seed)
+        self._warn_on_process_count()
         self._build_policy(policy)
         self.trainable = self._setup_trainable()
         self.deepspeed_zero_stage = None
@@ -92,6 +93,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, EvaluateMixin
         self.iteration = 0
         self.skipped_steps = 0
         self.consecutive_skipped_steps = 0
+        self.optimizer_steps = 0
         self._stop_signal: int | None = None
         self._start_run_directory()
 

@@ -73,6 +73,7 @@ class CheckpointMixin:
         self.accelerator.wait_for_everyone()  # every process has written its part before the rename
         if self.accelerator.is_main_process:
             state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
+                     "optimizer_steps": self.optimizer_steps,
                      "consecutive_skipped_steps": self.consecutive_skipped_steps, "history": self.history,
                      "evaluations": self.evaluations, "lr_scheduler": self.lr_scheduler.state_dict()}
             (temporary / TRAINER_STATE).write_text(json.dumps(state))
@@ -122,3 +123,5 @@ class CheckpointMixin:
         self.evaluations = state["evaluations"]
         if "lr_scheduler" in state:  # absent from checkpoints written before schedules existed (constant LR)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # older checkpoints did not count optimizer steps; their scheduler did (one step per optimizer step)
+        self.optimizer_steps = state.get("optimizer_steps", state.get("lr_scheduler", {}).get("last_epoch", 0))

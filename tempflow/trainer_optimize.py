@@ -118,9 +118,19 @@ class OptimizeMixin:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self._ema_inputs())
+        self.optimizer_steps += 1
+        self._update_ema()
         tally.optimizer_steps += 1
+
+    def _update_ema(self) -> None:
+        """As the official scripts' EMAModuleWrapper: after optimizer step n, when n + 1 is a multiple of
+        ``ema_update_interval``, with decay min(ema_decay, (1 + n)/(10 + n)) (diffusers' EMAModel warmup, counted in
+        optimizer steps rather than in EMA updates)."""
+        n = self.optimizer_steps
+        if self.ema is None or (n + 1) % self.config.ema_update_interval:
+            return
+        self.ema.optimization_step = n  # EMAModel.step() adds 1, and its decay is (1 + step)/(10 + step), step = n
+        self.ema.step(self._ema_inputs())
 
     def _optimization_metrics(self, tally: StepTally) -> dict:
         metrics = {f"train/{k}": v / max(tally.micro_batches, 1) for k, v in tally.stats_sum.items()}

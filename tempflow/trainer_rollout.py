@@ -8,7 +8,13 @@ import math
 import numpy as np
 import torch
 
-from .advantages import group_advantages, group_spread, informative_samples
+from .advantages import (
+    group_advantages,
+    group_spread,
+    informative_child_slots,
+    informative_samples,
+    pooled_std,
+)
 from .loss import noise_aware_weights
 from .rollout import RolloutBatch
 
@@ -94,7 +100,11 @@ class RolloutMixin:
     def compute_advantages(self, rollout: RolloutBatch, rewards: torch.Tensor) -> None:
         """Group-relative advantages per scored sample, copied onto the transitions with their step weights."""
         config = self.config
-        advantages = group_advantages(rewards, rollout.sample_group, config.scale_rewards, clip=config.adv_clip_max)
+        batch_std = None
+        if config.scale_rewards == "batch":  # the std of the whole batch: every process's rewards
+            batch_std = pooled_std(rewards, self._gather if self.accelerator.num_processes > 1 else None)
+        advantages = group_advantages(rewards, rollout.sample_group, config.scale_rewards, clip=config.adv_clip_max,
+                                      batch_std=batch_std)
         rows = rollout.transitions
         device = rows.log_probs.device
         rows.advantages = advantages.to(device)[rows.sample_index.to(device)]
@@ -102,7 +112,13 @@ class RolloutMixin:
         counted = torch.ones(len(rewards))
         if config.loss_mean_over == "nonzero_advantage_rows":
             counted = informative_samples(rewards, rollout.sample_group).float()
+        elif config.loss_mean_over == "nonzero_advantage_child_slots":
+            counted = informative_child_slots(rewards, rollout.sample_group, rollout.sample_trajectory).float()
         rows.loss_mask = counted.to(device)[rows.sample_index.to(device)]
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of every process, concatenated, on the CPU."""
+        return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
 
     def _group_diagnostics(self, rollout: RolloutBatch, rewards: torch.Tensor) -> dict:
         """How much signal the advantages carry: the share of groups whose rewards are all equal (they teach

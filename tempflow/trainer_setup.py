@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,6 +83,15 @@ class SetupMixin:
         if config.eval_reward_funcs:
             self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs,
                                                          frames=config.reward_frames)
+
+    def _warn_on_process_count(self) -> None:
+        """A recipe's per-process sizes give its global batch only on the process count they were derived for."""
+        derived_for, running = self.config.recipe_num_processes, self.accelerator.num_processes
+        if derived_for is not None and derived_for != running and self.accelerator.is_main_process:
+            warnings.warn(
+                f"this recipe's per-process sizes were derived for {derived_for} processes, and {running} are running: "
+                f"the global batch is {running}/{derived_for} of the recipe's. `tempflow check-recipe RECIPE "
+                f"--num-processes {running}` prints the sizes that keep it", stacklevel=3)
 
     def _build_policy(self, policy: FlowPolicy | None) -> None:
         """Load the policy (unless given) and set what holds for rollouts and recomputation alike: attention

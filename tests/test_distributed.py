@@ -114,6 +114,27 @@ def test_deepspeed_zero2_trains_like_ddp_and_resumes(tiny_sd3_dir, ddp_run, tmp_
         torch.testing.assert_close(lora[name], reference[name], atol=1e-5, rtol=0)
 
 
+def test_batch_reward_std_pools_the_rewards_of_every_process(tmp_path):
+    """`scale_rewards: batch` (Flow-GRPO's global_std) divides by the std of all processes' rewards, not each its own."""
+    from distributed_advantages import GROUPS, REWARDS
+
+    from tempflow.advantages import group_advantages
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(Path(__file__).parent / "distributed_advantages.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pooled = torch.tensor([r for rank in REWARDS for r in rank], dtype=torch.float64).std(unbiased=False).item()
+    for rank, rewards in enumerate(REWARDS):
+        got = torch.tensor(json.loads((tmp_path / f"rank{rank}.json").read_text()))
+        expected = group_advantages(torch.tensor(rewards), torch.tensor(GROUPS), "batch", batch_std=pooled)
+        torch.testing.assert_close(got, expected)
+        own = group_advantages(torch.tensor(rewards), torch.tensor(GROUPS), "batch")  # this rank's std alone
+        assert not torch.allclose(got, own)
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_accelerate_launch_configs_load_with_accelerates_own_reader(path):

@@ -222,3 +222,31 @@ def test_reference_disables_lora(sd3_policy):
         again = sd3_policy.velocity(latents, sigma, embeds)
     assert (adapted - base).abs().max() > 1e-4
     torch.testing.assert_close(adapted, again)
+
+
+OFFICIAL_SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                             "attn.to_out.0", "attn.to_q", "attn.to_v"]  # TempFlow-GRPO's and Flow-GRPO's train_sd3
+
+
+def test_sd3_lora_adapts_the_official_modules_of_a_dual_attention_transformer(tiny_sd3_dir):
+    """SD3.5-M's blocks 0-12 add a second self-attention (attn2): the official target list, matched the way peft
+    matches it, adapts the joint attention only; a suffix list would adapt attn2 as well."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from tempflow.testing import seeded_module
+
+    policy = load_policy(tiny_sd3_dir, resolution=64, max_sequence_length=16)
+    config = dict(policy.transformer.config)
+    config.update(dual_attention_layers=(0,), qk_norm="rms_norm")  # SD3.5-M's shape: dual attention, RMS q/k norm
+    policy.pipeline.transformer = seeded_module(0, lambda: SD3Transformer2DModel.from_config(config))
+    names = [name for name, module in policy.transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    official = LoraConfig(target_modules=OFFICIAL_SD3_LORA_TARGETS)
+    expected = {name for name in names if check_target_module_exists(official, name)}
+    assert any(".attn2." in name for name in names)
+
+    policy.add_lora(r=4, alpha=8)
+    adapted = {name.split(".lora_A")[0] for name, _ in policy.transformer.named_parameters() if ".lora_A." in name}
+    assert adapted == expected
+    assert not any(".attn2." in name for name in adapted)

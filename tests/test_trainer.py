@@ -284,7 +284,9 @@ def test_ema_offload_keeps_the_ema_on_the_cpu_with_the_same_values(tiny_sd3_dir,
         trainers[offload] = trainer = _trainer(config)
         trainer.training_step()
     on_device, offloaded = trainers[False], trainers[True]
-    assert offloaded.ema.optimization_step == on_device.ema.optimization_step == 3
+    assert offloaded.optimizer_steps == on_device.optimizer_steps == 3
+    # EMAModel counts from the optimizer step it is set to before each update: 3, then its step() adds 1
+    assert offloaded.ema.optimization_step == on_device.ema.optimization_step == 4
     for shadow, reference, weight in zip(offloaded.ema.shadow_params, on_device.ema.shadow_params, offloaded.trainable):
         assert shadow.device.type == "cpu" and shadow.data_ptr() != weight.data_ptr()
         torch.testing.assert_close(shadow, reference, atol=1e-7, rtol=0)
@@ -321,19 +323,24 @@ def test_learning_rate_schedule_warms_up_decays_and_resumes_exactly(tiny_sd3_dir
     assert [h["train/learning_rate"] for h in resumed["history"]] == rates
 
 
-@pytest.mark.parametrize("loss_mean_over", ["all_rows", "nonzero_advantage_rows"])
-def test_loss_mean_over_all_rows_or_only_those_with_an_advantage(tiny_sd3_dir, tmp_path, loss_mean_over):
-    """At ratio 1 each row's loss is −A·w: the step's loss is their sum over all 18 rows, or over the 15 rows whose
-    group's rewards differ (the 3 siblings of the first branch point all score 1: zero advantage). Rewards
-    (0, 0, 10) per group with advantages clipped to ±1 keep the sum away from 0."""
+@pytest.mark.parametrize("loss_mean_over, flat, counted", [
+    ("all_rows", "group", 18), ("nonzero_advantage_rows", "group", 15), ("nonzero_advantage_child_slots", "group", 18),
+    ("nonzero_advantage_rows", "path", 9), ("nonzero_advantage_child_slots", "path", 9),
+])
+def test_loss_mean_over_all_rows_or_only_those_with_an_advantage(tiny_sd3_dir, tmp_path, loss_mean_over, flat, counted):
+    """At ratio 1 each row's loss is −A·w: the step's loss is their sum over the counted rows. 2 paths x 3 branch
+    steps x 3 children = 18 rows; rewards (0, 0, 10) per group with advantages clipped to ±1 keep the sum away from 0.
+    With the first branch point's siblings all scoring 1 (`group`), its 3 rows have zero advantage: dropped as rows,
+    kept as child slots (each slot has advantage at its path's other steps). With the whole first path scoring 1
+    (`path`), its 9 rows leave the mean either way."""
     trainer = _trainer(_config(tiny_sd3_dir, tmp_path, loss_mean_over=loss_mean_over, adv_clip_max=1.0))
     rollout = trainer.rollout(trainer._sample_prompts())
     embeds = rollout.embeds
     rewards = torch.tensor([0.0, 0.0, 10.0]).repeat(len(rollout.final_latents) // 3)
-    rewards[rollout.sample_group == rollout.sample_group[0]] = 1.0
+    first = rollout.sample_group == rollout.sample_group[0] if flat == "group" else rollout.sample_trajectory == 0
+    rewards[first] = 1.0
     trainer.compute_advantages(rollout, rewards)
     rows = rollout.transitions
-    counted = 18 if loss_mean_over == "all_rows" else 15
     assert len(rows) == 18 and float(rows.loss_mask.sum()) == counted
     with torch.no_grad():
         loss, _ = trainer.compute_loss(rows, embeds)  # one micro-batch; optimize scales it by rows / counted rows

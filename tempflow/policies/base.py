@@ -292,27 +292,12 @@ class FlowPolicy:
     # --- sampling -------------------------------------------------------------------------------------------
     def sigma_schedule(self, num_steps: int) -> torch.Tensor:
         """The ``num_steps + 1`` σ values (ending at 0) that the family's pipeline would use, float32 on CPU."""
-        scheduler = self.pipeline.scheduler.__class__.from_config(self.pipeline.scheduler.config)
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
-            kwargs["mu"] = self._dynamic_shift_mu()
-        scheduler.set_timesteps(num_steps, device="cpu", sigmas=self._base_sigmas(num_steps), **kwargs)
-        return scheduler.sigmas.float().cpu()
+        return flow_sigma_schedule(self.pipeline.scheduler, num_steps, self.base_sigmas(num_steps), self.image_seq_len)
 
-    def _base_sigmas(self, num_steps: int) -> list[float] | None:
+    @classmethod
+    def base_sigmas(cls, num_steps: int) -> list[float] | None:
+        """The σ grid the family's pipeline hands its scheduler before shifting (None: the scheduler's own)."""
         return None
-
-    def _dynamic_shift_mu(self) -> float:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = self.pipeline.scheduler.config
-        return calculate_shift(
-            self.image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.16),
-        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -517,6 +502,23 @@ def read_pipeline_class_name(model_name_or_path: str) -> str | None:
     if not index.is_file():
         return None
     return json.loads(index.read_text())["_class_name"]
+
+
+def flow_sigma_schedule(scheduler, num_steps: int, base_sigmas: list[float] | None, image_seq_len: int) -> torch.Tensor:
+    """The ``num_steps + 1`` σ values (ending at 0) of a copy of ``scheduler`` set to ``num_steps`` steps on
+    ``base_sigmas``, with the resolution-dependent shift ``mu`` of FLUX-style schedulers (``use_dynamic_shifting``)
+    computed from ``image_seq_len`` as the pipelines do; float32 on CPU."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = scheduler.__class__.from_config(scheduler.config)
+    kwargs = {}
+    config = scheduler.config
+    if config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.16))
+    scheduler.set_timesteps(num_steps, device="cpu", sigmas=base_sigmas, **kwargs)
+    return scheduler.sigmas.float().cpu()
 
 
 def denormalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:

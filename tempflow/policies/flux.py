@@ -13,8 +13,12 @@ from .base import FlowPolicy, PromptEmbeds
 class FluxPolicy(FlowPolicy):
     family = "flux"
     pipeline_class = FluxPipeline
+    # TempFlow-GRPO's and Flow-GRPO's train_flux scripts: attention of the double and single blocks, and the double
+    # blocks' feed-forward layers of both streams
     default_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     )
     default_max_sequence_length = 512
     t5_tokenizer_attribute = "tokenizer_2"
@@ -39,7 +43,8 @@ class FluxPolicy(FlowPolicy):
     def token_grid(self) -> tuple[int, int]:
         return (self._latent_hw // 2, self._latent_hw // 2)
 
-    def _base_sigmas(self, num_steps: int) -> list[float]:
+    @classmethod
+    def base_sigmas(cls, num_steps: int) -> list[float]:
         return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
 
     def initial_noise(self, generator: torch.Generator) -> torch.Tensor:

@@ -26,9 +26,10 @@ def rescaled_guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float
 class QwenImagePolicy(FlowPolicy):
     family = "qwen_image"
     pipeline_class = QwenImagePipeline
-    # the MMDiT's attention projections of both streams, and their MLPs (the layers a DiT LoRA adapts)
+    # the MMDiT's attention projections of both streams and their MLPs, as TempFlow-GRPO's train_qwenimage_pr.py
     default_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
         "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
     )
     default_max_sequence_length = 512  # QwenImagePipeline.__call__'s default
@@ -61,7 +62,8 @@ class QwenImagePolicy(FlowPolicy):
         height, width = self._latent_hw
         return height // 2, width // 2
 
-    def _base_sigmas(self, num_steps: int) -> list[float]:
+    @classmethod
+    def base_sigmas(cls, num_steps: int) -> list[float]:
         return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
 
     def initial_noise(self, generator: torch.Generator) -> torch.Tensor:

@@ -11,8 +11,11 @@ from .base import FlowPolicy, PromptEmbeds
 class SD3Policy(FlowPolicy):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
+    # the joint attention's projections, named as TempFlow-GRPO's and Flow-GRPO's train_sd3 scripts name them: not
+    # the second self-attention (attn2) of SD3.5-M's dual-attention blocks
     default_lora_target_modules = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     )
     default_max_sequence_length = 256
     t5_tokenizer_attribute = "tokenizer_3"
