@@ -230,7 +230,8 @@ def memory_table(args, resolution: int, dtype: torch.dtype) -> list[dict]:
             config = TempFlowGRPOConfig.from_dict({
                 **recipe, "output_dir": output_dir, "resolution": resolution,
                 "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no", "num_inference_steps": args.steps,
-                "num_generations": args.children, "prompts_per_iteration": 1, "gradient_checkpointing": checkpointing,
+                "num_generations": args.children, "prompts_per_iteration": 1, "seeds_per_prompt": 1,
+                "gradient_checkpointing": checkpointing,
                 "ema_offload": offload, "reward_funcs": ["brightness"], "reward_weights": None, "reward_kwargs": None,
                 "reward_frames": None, "num_branch_steps_per_iteration": None, "child_num_inference_steps": None, "eval_prompts": None,
                 "report_to": "none", "disable_progress_bar": True, **video_settings(args),
@@ -299,7 +300,7 @@ def main(argv=None) -> dict:
                "cut_layers": args.cut_layers, "N": args.steps, "G": args.children, **video_settings(args)}
     if args.memory_table:
         print(f"{args.size} @ {resolution}px on {results['device']} ({args.dtype}): one training iteration "
-              f"(recipe {RECIPES[args.size]}, 1 prompt, N={args.steps}, G={args.children}) per setting")
+              f"(recipe {RECIPES[args.size]}, 1 prompt, 1 ODE path, N={args.steps}, G={args.children}) per setting")
         results["memory_table"] = memory_table(args, resolution, dtype)
         results["process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         write_json(results, args.output)
