@@ -1,10 +1,13 @@
 """Attention backends and efficient-attention kernels for rollouts (imported as ``tempflow.attention``).
 
-``backends``: the dense kernel used by every transformer call (one setting for SD3 and FLUX).
-``mmdit``: the MMDiT block layout and FLUX attention projections that the three below share.
+``backends``: the dense kernel used by every transformer call (one setting for every family).
+``auto``: whether block-sparse attention or token pruning pays at a shape (``attention_backend: auto``), measured once
+and cached.
+``selection``: what they selected per sample, recorded in rollouts and replayed in log-prob recomputation.
+``mmdit``: the MMDiT block layout and the SD3 / FLUX attention projections that the processors share.
 ``pruning``: Representation-Shift token pruning for MMDiT blocks.
 ``block_sparse``: VSA-style block-sparse attention (tile selection, gate, delta correction) and its processors;
-``block_sparse_kernels``: its fine stage (Triton forward/backward, FlexAttention, PyTorch reference).
+``block_sparse_kernels``: its fine stage (FlexAttention, Triton forward/backward, PyTorch reference).
 ``softpag``: perturbed-attention guidance with a soft perturbation at chosen heads (sampling and evaluation).
 """
 

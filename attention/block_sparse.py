@@ -27,17 +27,24 @@ install time: FLUX's single blocks see text and image tokens concatenated, and t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
-from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from . import BLOCK_SPARSE, BLOCK_SPARSE_KERNELS
-from .block_sparse_kernels import TRITON_BLOCK_SIZES, TRITON_HEAD_DIMS, block_sparse_attention
+from .backends import DispatchedJointAttnProcessor
+from .block_sparse_kernels import (
+    TRITON_BLOCK_SIZES,
+    TRITON_HEAD_DIMS,
+    _triton_interpreting,
+    block_sparse_attention,
+)
 from .mmdit import (
     block_attentions,
     claim_token_grid,
@@ -45,7 +52,10 @@ from .mmdit import (
     flux_joint_qkv,
     mmdit_blocks,
     release_token_grid,
+    sd3_attention_output,
+    sd3_joint_qkv,
 )
+from .selection import SelectionRecorder
 from .wan import wan_attention_output, wan_blocks, wan_self_attentions, wan_self_qkv
 
 
@@ -109,6 +119,12 @@ def tile_order(grid: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
     return index.view(split).permute(*outer, *inner).flatten()
 
 
+@functools.lru_cache(maxsize=32)
+def _tile_order_on(grid: tuple[int, ...], tile: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """:func:`tile_order` on ``device``, built once per (grid, tile, device): no host-to-device copy per call."""
+    return tile_order(grid, tile).to(device)
+
+
 def tile_means(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
     """``[B, H, n·T, D]`` in tile order → ``[B, H, n, D]`` per-tile means."""
     return x.unflatten(2, (-1, tile_tokens)).mean(dim=3)
@@ -123,10 +139,12 @@ def sparse_image_attention(
     grid: tuple[int, ...],
     sparse: BlockSparse,
     gate: torch.Tensor | None = None,
+    recorder: SelectionRecorder | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of image queries ``[B, H, N, D]`` (row-major grid order) over the image keys and
-    all text keys ``[B, H, P, D]``; returns ``[B, H, N, D]`` in the input order. ``gate``: per-head ``[H]``."""
-    order = tile_order(grid, sparse.tile).to(query.device)
+    all text keys ``[B, H, P, D]``; returns ``[B, H, N, D]`` in the input order. ``gate``: per-head ``[H]``.
+    ``recorder``: records the selected key tiles ``[B, H, n_tiles, top_k]``, or replays earlier ones."""
+    order = _tile_order_on(tuple(grid), sparse.tile, query.device)
     if query.shape[2] != len(order):
         raise ValueError(
             f"{query.shape[2]} image tokens do not fill the token grid {list(grid)} block-sparse attention was set "
@@ -137,20 +155,32 @@ def sparse_image_attention(
     num_tiles = q.shape[2] // tokens
     scale = q.shape[-1] ** -0.5
 
-    coarse = (tile_means(q, tokens) @ tile_means(k, tokens).transpose(-1, -2)).float() * scale
-    block_index = coarse.topk(sparse.top_k(num_tiles), dim=-1).indices
+    coarse = None
+
+    def coarse_scores():
+        nonlocal coarse
+        if coarse is None:
+            coarse = (tile_means(q, tokens) @ tile_means(k, tokens).transpose(-1, -2)).float() * scale
+        return coarse
+
+    block_index = None if recorder is None else recorder.replayed_selection(0)
+    if block_index is None:
+        block_index = coarse_scores().topk(sparse.top_k(num_tiles), dim=-1).indices
+    if recorder is not None:
+        recorder.note_selection(0, block_index)
     prefix = 0 if text_key is None else text_key.shape[2]
     keys = k if text_key is None else torch.cat([text_key, k], dim=2)
     values = v if text_value is None else torch.cat([text_value, v], dim=2)
     kernel = sparse.kernel
-    if kernel == "auto" and (tokens not in TRITON_BLOCK_SIZES or q.shape[-1] not in TRITON_HEAD_DIMS):
+    if kernel == "auto" and _triton_interpreting() and (tokens not in TRITON_BLOCK_SIZES
+                                                        or q.shape[-1] not in TRITON_HEAD_DIMS):
         kernel = "torch"  # e.g. ShapesWorld's 2×2 tiles: below the Triton kernel's smallest block
     out, _ = block_sparse_attention(
         q, keys, values, block_index, block_size=tokens, dense_prefix=prefix, scale=scale, backend=kernel,
         check_index=False,  # top-k indices are distinct and in range by construction
     )
     if gate is not None:
-        coarse_out = coarse.softmax(dim=-1).to(v.dtype) @ tile_means(v, tokens)
+        coarse_out = coarse_scores().softmax(dim=-1).to(v.dtype) @ tile_means(v, tokens)
         out = out + gate.view(1, -1, 1, 1).to(out.dtype) * coarse_out.repeat_interleave(tokens, dim=2)
     if sparse.delta_correction:
         anchors = torch.arange(num_tiles, device=q.device) * tokens + tokens // 2
@@ -159,20 +189,21 @@ def sparse_image_attention(
     return out[:, :, torch.argsort(order)]
 
 
-def joint_sparse_attention(image_qkv, text_qkv, grid, sparse: BlockSparse, gate=None):
+def joint_sparse_attention(image_qkv, text_qkv, grid, sparse: BlockSparse, gate=None, recorder=None):
     """MMDiT joint attention, ``[B, H, L, D]`` triples: image queries block-sparse, text queries dense over all
     keys. Returns (image output, text output or None)."""
     q, k, v = image_qkv
     if text_qkv is None:
-        return sparse_image_attention(q, k, v, None, None, grid, sparse, gate), None
+        return sparse_image_attention(q, k, v, None, None, grid, sparse, gate, recorder), None
     text_q, text_k, text_v = text_qkv
-    image_out = sparse_image_attention(q, k, v, text_k, text_v, grid, sparse, gate)
+    image_out = sparse_image_attention(q, k, v, text_k, text_v, grid, sparse, gate, recorder)
     text_out = F.scaled_dot_product_attention(text_q, torch.cat([text_k, k], dim=2), torch.cat([text_v, v], dim=2))
     return image_out, text_out
 
 
-class _SparseProcessor(torch.nn.Module):
-    """Holds the setting, the grid and the optional per-head gate (a parameter of the transformer once set)."""
+class _SparseProcessor(torch.nn.Module, SelectionRecorder):
+    """Holds the setting, the grid and the optional per-head gate (a parameter of the transformer once set); records
+    (or replays) its key-tile selection (:mod:`~tempflow.attention.selection`)."""
 
     def __init__(self, sparse: BlockSparse, grid: tuple[int, ...], heads: int):
         super().__init__()
@@ -180,39 +211,16 @@ class _SparseProcessor(torch.nn.Module):
         self.gate = torch.nn.Parameter(torch.zeros(heads)) if sparse.gate else None
 
     def attend(self, image_qkv, text_qkv):
-        return joint_sparse_attention(image_qkv, text_qkv, self.grid, self.sparse, self.gate)
+        return joint_sparse_attention(image_qkv, text_qkv, self.grid, self.sparse, self.gate, recorder=self)
 
 
 class BlockSparseJointAttnProcessor(_SparseProcessor):
     """SD3's ``JointAttnProcessor2_0`` with block-sparse image attention (image tokens first, text last)."""
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        def heads(x):
-            return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-
-        image_qkv = [heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))]
-        if attn.norm_q is not None:
-            image_qkv[0] = attn.norm_q(image_qkv[0])
-        if attn.norm_k is not None:
-            image_qkv[1] = attn.norm_k(image_qkv[1])
-        text_qkv = None
-        if encoder_hidden_states is not None:
-            text_qkv = [heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
-                        heads(attn.add_v_proj(encoder_hidden_states))]
-            if attn.norm_added_q is not None:
-                text_qkv[0] = attn.norm_added_q(text_qkv[0])
-            if attn.norm_added_k is not None:
-                text_qkv[1] = attn.norm_added_k(text_qkv[1])
-
+        image_qkv, text_qkv = sd3_joint_qkv(attn, hidden_states, encoder_hidden_states)
         image_out, text_out = self.attend(image_qkv, text_qkv)
-        dtype = hidden_states.dtype
-        image_out = attn.to_out[1](attn.to_out[0](image_out.transpose(1, 2).flatten(2).to(dtype)))
-        if text_out is None:
-            return image_out
-        text_out = text_out.transpose(1, 2).flatten(2).to(dtype)
-        if not attn.context_pre_only:
-            text_out = attn.to_add_out(text_out)
-        return image_out, text_out
+        return sd3_attention_output(attn, image_out, text_out, hidden_states.dtype)
 
 
 class BlockSparseFluxAttnProcessor(_SparseProcessor):
@@ -247,11 +255,12 @@ class BlockSparseWanAttnProcessor(_SparseProcessor):
         return wan_attention_output(attn, out.transpose(1, 2).flatten(2).type_as(query))
 
 
-# family: (its blocks, a block's attentions that go sparse, the processor replaced, the sparse processor)
+# family: (its blocks, a block's attentions that go sparse, the processors it may replace, the sparse processor)
 _LAYOUTS = {
-    "sd3": (mmdit_blocks, block_attentions, JointAttnProcessor2_0, BlockSparseJointAttnProcessor),
-    "flux": (mmdit_blocks, block_attentions, FluxAttnProcessor, BlockSparseFluxAttnProcessor),
-    "wan": (wan_blocks, wan_self_attentions, WanAttnProcessor, BlockSparseWanAttnProcessor),
+    "sd3": (mmdit_blocks, block_attentions, (JointAttnProcessor2_0, DispatchedJointAttnProcessor),
+            BlockSparseJointAttnProcessor),
+    "flux": (mmdit_blocks, block_attentions, (FluxAttnProcessor,), BlockSparseFluxAttnProcessor),
+    "wan": (wan_blocks, wan_self_attentions, (WanAttnProcessor,), BlockSparseWanAttnProcessor),
 }
 
 
@@ -276,11 +285,12 @@ def apply_block_sparse(transformer: torch.nn.Module, family: str, sparse: BlockS
         if sparse.layers and index not in sparse.layers:
             continue
         for module in modules:
-            if type(module.processor) is not expected:
+            if not isinstance(module.processor, expected):
                 raise ValueError(
-                    f"block-sparse attention replaces {expected.__name__}, found {type(module.processor).__name__}"
+                    f"block-sparse attention replaces {expected[0].__name__}, found {type(module.processor).__name__}"
                 )
             processor = processor_class(sparse, grid, module.heads).to(next(module.parameters()).device)
+            processor.replaced = module.processor  # restored on removal (it carries the dense attention backend)
             module.set_processor(processor)
 
 
@@ -289,9 +299,8 @@ def uses_block_sparse(transformer: torch.nn.Module) -> bool:
 
 
 def remove_block_sparse(transformer: torch.nn.Module) -> None:
-    """Restore the default processors wherever :func:`apply_block_sparse` installed sparse ones."""
+    """Restore the processors that :func:`apply_block_sparse` replaced."""
     release_token_grid(transformer, BLOCK_SPARSE)
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), _SparseProcessor):
-            default = {FluxAttention: FluxAttnProcessor, WanAttention: WanAttnProcessor}.get(type(module), JointAttnProcessor2_0)
-            module.set_processor(default())
+            module.set_processor(module.processor.replaced)

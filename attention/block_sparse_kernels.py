@@ -33,6 +33,8 @@ BLOCK_SPARSE_BACKENDS = ("auto", "triton", "flex", "torch")
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLEX_BLOCK_SIZES = (16, 32, 64, 128)
+"""Sparse block sizes the FlexAttention path takes on CUDA (its kernel tiles are set to them below 128)."""
 
 
 def block_sparse_attention(
@@ -49,14 +51,14 @@ def block_sparse_attention(
     scale: softmax scale, default D ** -0.5.
     out: [B, H, Lq, D] same dtype as q; lse: [B, H, Lq] float32 log-sum-exp of the scaled scores over the
           attended keys.
-    backend: "triton" | "flex" | "torch" | "auto" (auto: triton when q is on CUDA, or when the triton
-          interpreter is active (env TRITON_INTERPRET=1); otherwise torch).
+    backend: "triton" | "flex" | "torch" | "auto" (auto: flex when q is on CUDA and block_size is one of
+          FLEX_BLOCK_SIZES; triton when the triton interpreter is active (env TRITON_INTERPRET=1); otherwise torch).
     check_index: check that block_index entries are in range and distinct (one device sync); callers whose
           indices come from ``topk`` over the key blocks may skip it.
     Differentiable w.r.t. q, k, v (not block_index)."""
     _check_inputs(q, k, v, block_index, block_size, dense_prefix, check_index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, block_size)
     if backend == "triton":
         _check_triton_inputs(q, block_size)
         return _TritonBlockSparseAttention.apply(q, k, v, block_index, block_size, dense_prefix, scale)
@@ -132,13 +134,17 @@ def _check_triton_inputs(q, block_size):
                          "set before the first triton call) for CPU tensors")
 
 
-def _resolve_backend(backend, q):
+def _resolve_backend(backend, q, block_size=64):
+    """``auto``: FlexAttention on CUDA for the block sizes its kernel takes (the Triton kernels lost to dense SDPA
+    at image sizes on an H200, BENCHMARKS.md), the Triton kernels under the interpreter (CPU tests), else torch."""
     if backend not in BLOCK_SPARSE_BACKENDS:
         raise ValueError(f"unknown block-sparse attention backend {backend!r}; expected one of "
                          f"{list(BLOCK_SPARSE_BACKENDS)}")
     if backend != "auto":
         return backend
-    return "triton" if q.is_cuda or _triton_interpreting() else "torch"
+    if q.is_cuda:
+        return "flex" if block_size in FLEX_BLOCK_SIZES else "torch"
+    return "triton" if _triton_interpreting() else "torch"
 
 
 def _triton_interpreting():

@@ -36,6 +36,40 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def sd3_joint_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """SD3 joint attention's image ``Q, K, V`` and (with a text stream) text ``Q, K, V``, each ``[B, H, L, D]``, as
+    ``JointAttnProcessor2_0`` builds them (projections and QK norms); the text triple is None without text."""
+    def heads(x):
+        return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+    image = [heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))]
+    if attn.norm_q is not None:
+        image[0] = attn.norm_q(image[0])
+    if attn.norm_k is not None:
+        image[1] = attn.norm_k(image[1])
+    if encoder_hidden_states is None:
+        return image, None
+    text = [heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
+            heads(attn.add_v_proj(encoder_hidden_states))]
+    if attn.norm_added_q is not None:
+        text[0] = attn.norm_added_q(text[0])
+    if attn.norm_added_k is not None:
+        text[1] = attn.norm_added_k(text[1])
+    return image, text
+
+
+def sd3_attention_output(attn, image_out, text_out, dtype):
+    """``JointAttnProcessor2_0``'s output projections of the image (and text) attention outputs ``[B, H, L, D]``:
+    the image tokens, or (image, text) with a text stream (the last block's text output is not projected)."""
+    image_out = attn.to_out[1](attn.to_out[0](image_out.transpose(1, 2).flatten(2).to(dtype)))
+    if text_out is None:
+        return image_out
+    text_out = text_out.transpose(1, 2).flatten(2).to(dtype)
+    if not attn.context_pre_only:
+        text_out = attn.to_add_out(text_out)
+    return image_out, text_out
+
+
 def flux_joint_qkv(attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
     """FLUX attention's ``Q, K, V`` ``[B, S, H, D]`` as ``FluxAttnProcessor`` builds them (projections, QK norms,
     text tokens first), with RoPE from the shared table ``[S, D]`` or per-sample tables ``[B, S, D]``. Shared by

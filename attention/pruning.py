@@ -42,6 +42,7 @@ from .mmdit import (
     mmdit_blocks,
     release_token_grid,
 )
+from .selection import SelectionRecorder
 from .wan import wan_blocks
 
 PRUNABLE_TRANSFORMERS = {**TRANSFORMER_CLASSES, "wan": WanTransformer3DModel}
@@ -89,8 +90,9 @@ class TokenPruning:
             )
 
 
-class TokenPruner:
-    """The pruned ``forward`` installed on one transformer, with the keep sets it may reuse across calls.
+class TokenPruner(SelectionRecorder):
+    """The pruned ``forward`` installed on one transformer, with the keep sets it may reuse across calls; it records
+    (or replays) them per call (:mod:`~tempflow.attention.selection`).
 
     ``kept_positions`` holds, after each call, one ``[B, k]`` tensor per pruning layer: the positions (in the
     full image sequence, ascending) of the tokens that stay active after that layer. Each pruning layer keeps
@@ -179,7 +181,10 @@ class TokenPruner:
             text, image = self._call_block(block, image, text, temb, block_rotary)
             if index not in self.pruning.layers:
                 continue
-            keep = reused[len(keeps)] if reused else top_tokens(image - block_input, self.pruning.keep_ratio)
+            keep = self.replayed_selection(len(keeps))
+            if keep is None:
+                keep = reused[len(keeps)] if reused else top_tokens(image - block_input, self.pruning.keep_ratio)
+            self.note_selection(len(keeps), keep)
             keeps.append(keep)
             if full is None:
                 full, positions = image, keep

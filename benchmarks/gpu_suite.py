@@ -73,11 +73,10 @@ PARTS = [
     Part("attention", "attention", 60,
          ["benchmarks/attention.py", "--sections", "kernels", "transformer", "--output", "{result}"],
          ("--device", "cpu", "--repeats", "1")),
-    # the same kernel shapes on FlexAttention: on the H200 the default (Triton) block-sparse kernel lost to dense
-    # SDPA at image sizes (2026-11-28); this row says whether flex should be the default on CUDA
-    Part("attention-flex", "attention", 40,
-         ["benchmarks/attention.py", "--sections", "kernels", "--kernel", "flex", "--output", "{result}"],
-         ("--device", "cpu", "--repeats", "1")),
+    # whole transformer steps per attention method at the recipes' sizes, and the `auto` decision table (issue 27);
+    # it replaces the flex kernel rows (attention-flex) that the H200 run of 2026-11-28 asked for
+    Part("attention-auto", "attention-steps", 200,
+         ["benchmarks/attention_steps.py", "--time-limit", "170", "--output", "{result}"], ("--dry-run",)),
     # Wan 2.1 1.3B (random weights, real config): one training iteration at the card's 480x832 with 17 of its 81
     # frames (7 800 tokens), N = 3, G = 2, checkpointing only; the time comes from throughput's second repeat
     Part("memory-wan-1.3b", "memory", 45,
@@ -239,8 +238,12 @@ def throughput_section(parts: list[dict]) -> list[str]:
     return lines
 
 
+def attention_steps_section(parts: list[dict]) -> list[str]:
+    return [p["results"]["markdown"] for p in parts]  # attention_steps.py renders its own table
+
+
 SECTIONS = {"tests": tests_section, "memory": memory_section, "attention": attention_section,
-            "throughput": throughput_section}
+            "attention-steps": attention_steps_section, "throughput": throughput_section}
 
 
 def markdown(suite: dict, parts: list[dict]) -> str:

@@ -58,6 +58,9 @@ class Transitions:
     """1 for rows the loss mean counts, 0 for rows it leaves out (``loss_mean_over``)."""
     reference_mean: torch.Tensor | None = None
     """The reference policy's step mean (KL term), computed once per rollout when ``beta > 0``."""
+    selection: torch.Tensor | None = None
+    """What block-sparse attention / token pruning selected for the row's velocity in the rollout, ``[rows, c,
+    total]`` (:attr:`~tempflow.policies.FlowPolicy.last_selection`); recomputation replays it. None: nothing selects."""
 
     def __len__(self) -> int:
         return len(self.log_probs)
@@ -69,6 +72,7 @@ class Transitions:
     def cat(parts: list[Transitions]) -> Transitions:
         return Transitions(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Transitions)
                               if getattr(parts[0], f.name) is not None})
+
 
 
 @dataclass
@@ -253,13 +257,15 @@ class RolloutEngine:
             sigma = torch.tensor([t.sigma for t in batch], device=latents.device)
             sigma_next = torch.tensor([t.sigma_next for t in batch], device=latents.device)
             velocity = self.policy.velocity(latents, sigma, embeds[[t.prompt_index for t in batch]])
+            selection = self.policy.last_selection
             num_evals += len(batch)
             next_latents = ode_step(latents, velocity, sigma, sigma_next).next_latents
-            self._trajectory_sde_steps(batch, latents, velocity, sigma, sigma_next, next_latents, rows)
+            self._trajectory_sde_steps(batch, latents, velocity, sigma, sigma_next, next_latents, rows, selection)
             finished = []
             for k, track in enumerate(batch):
                 if track.kind == "main" and track.position in track.branch_positions:
-                    queue.extend(self._spawn_children(track, latents[k : k + 1], velocity[k : k + 1], rows))
+                    picked = None if selection is None else selection[k : k + 1]
+                    queue.extend(self._spawn_children(track, latents[k : k + 1], velocity[k : k + 1], rows, picked))
                 track.latents = next_latents[k : k + 1]
                 track.position += 1
                 if not track.finished:
@@ -271,9 +277,12 @@ class RolloutEngine:
                 on_finished([t.sample_index for t in finished], [t.prompt_index for t in finished],
                             torch.cat([t.latents for t in finished]))
         transitions = Transitions.cat([Transitions(**r) for r in rows]) if rows else None
+        if transitions is not None and transitions.selection is not None:
+            transitions.selection = transitions.selection.cpu()  # one transfer per rollout; replays move rows back
         return _RunResult(transitions, torch.cat(finals), num_evals)
 
-    def _trajectory_sde_steps(self, batch: list[_Track], latents, velocity, sigma, sigma_next, next_latents, rows) -> None:
+    def _trajectory_sde_steps(self, batch: list[_Track], latents, velocity, sigma, sigma_next, next_latents, rows,
+                              selection=None) -> None:
         """Replace the ODE step of the batch's trajectory tracks inside their SDE window with the stochastic step
         (in place in ``next_latents``); trained positions become rows."""
         stochastic = [k for k, t in enumerate(batch) if t.kind == "trajectory" and t.position in t.sde_positions]
@@ -289,9 +298,11 @@ class RolloutEngine:
         next_latents[stochastic] = out.next_latents
         for j, k in enumerate(stochastic):
             if batch[k].position in batch[k].trained_positions:
-                rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index))
+                picked = None if selection is None else selection[k : k + 1]
+                rows.append(self._row(batch[k], latents[k : k + 1], _index_output(out, j), batch[k].sample_index,
+                                      picked))
 
-    def _spawn_children(self, track: _Track, latents, velocity, rows) -> list[_Track]:
+    def _spawn_children(self, track: _Track, latents, velocity, rows, selection=None) -> list[_Track]:
         """G SDE children of a main track at its current step, sharing the main path's velocity (and mean)."""
         g = track.num_children
         noise = torch.stack([
@@ -306,13 +317,14 @@ class RolloutEngine:
         first = (track.trajectory_index * len(track.branch_positions) + track.branch_positions.index(track.position)) * g
         children = []
         for j in range(g):
-            rows.append(self._row(track, latents, _index_output(out, j), first + j))
+            rows.append(self._row(track, latents, _index_output(out, j), first + j, selection))
             children.append(_Track(out.next_latents[j : j + 1], child_sigmas, track.prompt_index, track.seed,
                                    "ode", sample_index=first + j))
         return children
 
-    def _row(self, track: _Track, latents, out, sample_index: int) -> dict:
+    def _row(self, track: _Track, latents, out, sample_index: int, selection=None) -> dict:
         return {
+            "selection": selection,
             "latents": latents,
             "next_latents": out.next_latents,
             "log_probs": out.log_prob,

@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -206,6 +207,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, EvaluateMixin
             "iterations": self.iteration,
             "interrupted_by": None if interrupted_by is None else signal.Signals(interrupted_by).name,
             "skipped_steps": self.skipped_steps,
+            "attention_auto": None if self.attention_decision is None else asdict(self.attention_decision),
             "evaluations": self.evaluations,
             "final": final,
             "history": self.history,

@@ -42,11 +42,13 @@ class OptimizeMixin:
 
     def rescore(self, rows: Transitions, embeds, model: torch.nn.Module) -> StepOutput:
         """The rows' stochastic steps under ``model``'s velocity: the step the rollout drew them with, applied to
-        their recorded next latents (log-probs and means to compare with the rollout's or the reference's)."""
+        their recorded next latents (log-probs and means to compare with the rollout's or the reference's), with
+        the key tiles or tokens the rollout's velocity selected (block-sparse attention, token pruning)."""
         device = self.accelerator.device
         latents, sigmas = rows.latents.to(device), rows.sigmas.to(device)
         row_embeds = embeds[rows.prompt_index.to(embeds.tensors["prompt_embeds"].device)]
-        velocity = self.policy.velocity(latents, sigmas, row_embeds, model=model)
+        selection = None if rows.selection is None else rows.selection.to(device)  # the rollout's, replayed
+        velocity = self.policy.velocity(latents, sigmas, row_embeds, model=model, selection=selection)
         return self.step(latents, velocity, sigmas, rows.sigmas_next.to(device), next_latents=rows.next_latents)
 
     def compute_loss(self, rows: Transitions, embeds) -> tuple[torch.Tensor, dict]:

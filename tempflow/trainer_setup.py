@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
+from .attention.auto import AutoDecision, decide, decision_key, on_the_cpu, step_seconds
 from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .policies import FlowPolicy, load_policy
@@ -112,15 +113,67 @@ class SetupMixin:
         self.policy.to(self.accelerator.device)
         self.policy.set_attention_backend(config.attention_backend)
         self.policy.cfg_uncond_gradient = config.cfg_uncond_gradient
+        self.attention_decision = None
+        approximation = self._approximate_attention()
+        if approximation is not None:
+            method, install = approximation
+            if config.attention_backend == "auto":
+                self.attention_decision = self._decide_attention(method, install)
+                if self.accelerator.is_main_process:
+                    print(self.attention_decision.line(), flush=True)
+            if self.attention_decision is None or self.attention_decision.use:
+                install(True)
+
+    def _approximate_attention(self):
+        """The recipe's token pruning or block-sparse attention (they exclude each other): its description and a
+        switch that installs (True) or removes (False) it; None when the recipe asks for neither."""
+        config = self.config
         if config.token_pruning_layers:
-            self.policy.set_token_pruning(
-                TokenPruning(tuple(config.token_pruning_layers), config.token_pruning_keep_ratio)
-            )
+            pruning = TokenPruning(tuple(config.token_pruning_layers), config.token_pruning_keep_ratio)
+            return (f"token pruning keep {pruning.keep_ratio:g} after blocks {list(pruning.layers)}",
+                    lambda on: self.policy.set_token_pruning(pruning if on else None))
         if config.block_sparse_density < 1:
-            self.policy.set_block_sparse(BlockSparse(
+            sparse = BlockSparse(
                 config.block_sparse_density, tuple(config.block_sparse_tile), tuple(config.block_sparse_layers),
                 config.block_sparse_gate, config.block_sparse_delta_correction, config.block_sparse_kernel,
-            ))
+            )
+            return (f"block-sparse {sparse.density:g} ({'x'.join(map(str, sparse.tile))} tiles, {sparse.kernel} "
+                    "kernel)", lambda on: self.policy.set_block_sparse(sparse if on else None))
+        return None
+
+    def _decide_attention(self, method: str, install) -> AutoDecision:
+        """``attention_backend: auto``: whether the recipe's block-sparse attention or pruning pays on this device
+        at the rollout's shape (:mod:`tempflow.attention.auto`)."""
+        device = self.accelerator.device
+        if device.type != "cuda":
+            return on_the_cpu(method)
+        policy, batch = self.policy, self.config.rollout_batch_size
+        key = decision_key(device, policy.family, batch, policy.image_seq_len, policy.transformer.dtype, method)
+        noise = policy.initial_noise(torch.Generator().manual_seed(0)).to(device)
+        latents = noise.expand(batch, *noise.shape[1:]).contiguous()
+        sigmas = torch.full((batch,), 0.5, device=device)
+        embeds = policy.encode_prompts(["a photo of a cat"]).expand(batch)
+
+        def step():
+            with torch.no_grad(), self.accelerator.autocast():
+                policy.velocity(latents, sigmas, embeds)
+
+        def measure():
+            dense = step_seconds(step, device)
+            install(True)
+            try:
+                return dense, step_seconds(step, device)
+            finally:
+                install(False)
+
+        decision = decide(key, method, measure) if self.accelerator.is_main_process else None
+        if self.accelerator.num_processes > 1:  # every process follows the main one's measurement
+            from accelerate.utils import broadcast_object_list
+
+            shared = [decision]
+            broadcast_object_list(shared)
+            decision = shared[0]
+        return decision
 
     def _prepare_optimization(self) -> None:
         """AdamW over the trainable weights with its learning-rate schedule, the transformer and optimizer

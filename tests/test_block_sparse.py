@@ -200,7 +200,7 @@ def test_gates_train_with_the_lora_are_saved_beside_it_and_resume(tiny_sd3_dir, 
             lora_r=4, lora_alpha=8, learning_rate=1e-2, max_steps=steps, save_steps=1, reward_funcs=["brightness"],
             train_prompts="unused", eval_prompts=None, disable_progress_bar=True, max_sequence_length=16,
             block_sparse_density=0.5, block_sparse_tile=[2, 2], block_sparse_layers=[0, 1], block_sparse_gate=True,
-            block_sparse_kernel="torch", **extra,
+            block_sparse_kernel="torch", attention_backend="sdpa", **extra,
         )
         trainer = TempFlowGRPOTrainer(config, train_prompts=prompts)
         trainer.train()

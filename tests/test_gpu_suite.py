@@ -53,7 +53,13 @@ def test_the_dry_run_runs_every_part_on_the_cpu(tmp_path):
     assert parts["throughput"]["results"]["compile"]["graphs_compiled"] == 1
     assert {row["method"].split(" ")[0] for row in parts["attention"]["results"]["transformer"]} == {
         "dense", "token", "block-sparse"}
+    steps = parts["attention-auto"]["results"]
+    assert [shape["shape"] for shape in steps["shapes"]] == ["sd35m-64", "wan-1.3b-64x64x5"]
+    for shape in steps["shapes"]:  # every method ran (or said why not) and the dense step is the baseline
+        assert shape["rows"][0]["method"] == "dense" and shape["rows"][0]["vs_dense"] == 1.0
+        assert all("ms" in row or "error" in row for row in shape["rows"]) and shape["auto"]
     report = (tmp_path / "gpu_suite.md").read_text()
+    assert "`auto` (≥ 1.15x on the whole step, else dense)" in report
     assert "| flux-dev | 64 | 2, 2 | on | on | n/a |" in report and "eager → compiled" in report
     assert "| wan-1.3b | 64x64, 5 frames | 2, 2 | on | off | n/a |" in report
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.log", "gpu_suite.md"]

@@ -65,7 +65,8 @@ def test_first_inner_step_is_on_policy(tiny_sd3_dir, tmp_path, guidance_scale):
     assert stats["kl"].item() == pytest.approx(0.0, abs=1e-8)  # gaussian LoRA init: the adapter starts as a no-op
 
 
-@pytest.mark.parametrize("pruning", [{}, {"token_pruning_layers": [0], "token_pruning_keep_ratio": 0.5}],
+@pytest.mark.parametrize("pruning", [{}, {"token_pruning_layers": [0], "token_pruning_keep_ratio": 0.5,
+                                          "attention_backend": "sdpa"}],
                          ids=["dense", "pruned"])
 def test_flux_first_inner_step_is_on_policy(tiny_flux_dir, tmp_path, pruning):
     trainer = _trainer(_config(tiny_flux_dir, tmp_path, guidance_scale=3.5, noise_level=0.9, **pruning))
@@ -84,7 +85,8 @@ FAMILY_SETTINGS = {"qwen_image": dict(guidance_scale=4.0),
 
 
 @pytest.mark.parametrize("family, speed", [("qwen_image", {}), ("wan", {}),
-                                           ("wan", dict(token_pruning_layers=[0], token_pruning_keep_ratio=0.5))],
+                                           ("wan", dict(token_pruning_layers=[0], token_pruning_keep_ratio=0.5,
+                                                        attention_backend="sdpa"))],
                          ids=["qwen_image", "wan", "wan-pruned"])
 def test_qwen_image_and_wan_branch_at_the_stated_cost_and_start_on_policy(family, speed, request, tmp_path):
     """With CFG (doubled batches, Qwen-Image's norm rescale, its masked prompts of different lengths; Wan also with
@@ -116,7 +118,7 @@ def test_wan_trains_with_block_sparse_attention_on_a_video_reward(tiny_wan_dir, 
 
     config = _config(tiny_wan_dir, tmp_path, **FAMILY_SETTINGS["wan"], num_inference_steps=3, num_generations=2,
                      prompts_per_iteration=1, max_steps=1, block_sparse_density=0.5, block_sparse_tile=[1, 2, 2],
-                     block_sparse_kernel="torch", reward_funcs=["brightness", "frame_consistency"],
+                     block_sparse_kernel="torch", attention_backend="sdpa", reward_funcs=["brightness", "frame_consistency"],
                      reward_frames=[0, -1])
     trainer = _trainer(config, eval_prompts=PROMPTS[:1])
     assert uses_block_sparse(trainer.policy.transformer)

@@ -129,6 +129,9 @@ class FlowPolicy:
         """Whether gradients flow through CFG's unconditional prediction (see ``classifier_free_guidance``)."""
         self.compiled = False
         self.compile_batch_buckets: tuple[int, ...] = ()
+        self.last_selection: torch.Tensor | None = None
+        """What block-sparse attention / token pruning selected in the last ``velocity`` call (see there)."""
+        self.selection_layout = None
         self.attention_backend = "sdpa"
         self.set_attention_backend(attention_backend)
 
@@ -327,25 +330,55 @@ class FlowPolicy:
         sigmas: torch.Tensor,
         embeds: PromptEmbeds,
         model: torch.nn.Module | None = None,
+        selection: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity ``v ≈ ε − x₀`` at ``latents`` (``[B, ...]``), per-sample ``sigmas`` (``[B]``), float32.
 
         ``model`` replaces the policy's transformer (e.g. the accelerate-wrapped one during training, or a
         frozen reference); guidance is applied here, so rollouts and log-prob recomputation match. CFG runs the
         negative prompt and the prompts as one doubled batch.
+
+        Block-sparse attention and token pruning select per call (:mod:`~tempflow.attention.selection`): this
+        call's selections are left in :attr:`last_selection` ``[B, c, total]`` (``c`` = 2 with CFG: the
+        unconditional pass, then the conditional one; None when nothing selects), and ``selection``, rows of an
+        earlier call's, makes this call use those instead.
         """
         model = model or self.transformer
+        self._set_replay(model, selection)
         if not self.do_cfg:
             conditional = self._transformer_inputs(latents, sigmas, embeds)
             prediction = self._forward(model, **conditional)
+            self._keep_selection(model, passes=1)
             return self._softpag_guidance(model, prediction, prediction, conditional)
         both = PromptEmbeds.cat([self._negative_embeds().expand(len(latents)), embeds])
         doubled = self._transformer_inputs(torch.cat([latents, latents]), torch.cat([sigmas, sigmas]), both)
         uncond, cond = self._forward(model, **doubled).chunk(2)
+        self._keep_selection(model, passes=2)
         guided = self._guide(uncond, cond)
         if self.softpag is None:
             return guided
         return self._softpag_guidance(model, guided, cond, self._transformer_inputs(latents, sigmas, embeds))
+
+    def _set_replay(self, model: torch.nn.Module, selection: torch.Tensor | None) -> None:
+        from ..attention import selection as selections
+
+        if selection is None:
+            selections.clear(model)
+            return
+        if self.selection_layout is None:
+            raise ValueError("a selection to replay needs the layout of a recorded call (velocity() records one)")
+        rows, passes, total = selection.shape  # to the call's batch order: every row's first pass, then its second
+        selections.replay(model, selection.transpose(0, 1).reshape(rows * passes, total), self.selection_layout)
+
+    def _keep_selection(self, model: torch.nn.Module, passes: int) -> None:
+        from ..attention.selection import record
+
+        recorded = None if self.compiled else record(model)
+        if recorded is None:
+            self.last_selection = None
+            return
+        packed, self.selection_layout = recorded
+        self.last_selection = packed.unflatten(0, (passes, -1)).transpose(0, 1)
 
     def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The guided velocity from CFG's two predictions (a family may rescale it, as Qwen-Image does)."""
