@@ -29,7 +29,7 @@ from .attention import (
     check_token_grid_users,
 )
 
-ALGORITHMS = ("tempflow_grpo", "flow_grpo")
+ALGORITHMS = ("tempflow_grpo", "flow_grpo", "diffusion_nft")
 MODEL_FAMILIES = ("auto", "sd3", "flux", "qwen_image", "wan")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SDE_TYPES = ("sde", "cps")
@@ -163,7 +163,7 @@ class TempFlowGRPOConfig:
     noise_level: float = _help("SDE noise level a (0.7 for SD3.5, 0.9 for FLUX in the reference work).", default=0.7)
     sde_type: str = _help("Stochastic step: `sde` (Flow-GRPO) or `cps` (coefficients-preserving).", default="sde")
     num_generations: int = _help(
-        "G: images per prompt (flow_grpo) or SDE children per branch step (tempflow_grpo).", default=6
+        "G: images per prompt (flow_grpo, diffusion_nft) or SDE children per branch step (tempflow_grpo).", default=6
     )
     prompts_per_iteration: int = _help("Prompts sampled per process per training iteration.", default=4)
     seeds_per_prompt: int = _help(
@@ -172,7 +172,9 @@ class TempFlowGRPOConfig:
 
     # --- algorithm: TempFlow-GRPO or Flow-GRPO, each component one switch (the paper's ablations) ---
     algorithm: str = _help(
-        "`tempflow_grpo` (branched rollouts, per-step credit) or `flow_grpo` (full SDE trajectories).",
+        "`tempflow_grpo` (branched rollouts, per-step credit), `flow_grpo` (full SDE trajectories) or "
+        "`diffusion_nft` (ODE rollouts from the old policy; a flow-matching loss on the re-noised final samples, "
+        "no log-probs: README 'DiffusionNFT').",
         default="tempflow_grpo",
     )
     branching: bool = _help("tempflow_grpo: branch G SDE children off the ODE path at each branch step.", default=True)
@@ -203,11 +205,29 @@ class TempFlowGRPOConfig:
         "[first, last] step where a window may start; default the whole trajectory.", default=None
     )
 
+    nft_beta: float = _help(
+        "diffusion_nft: β of the implicit policies v+ = β·v_θ + (1−β)·v_old and v− = (1+β)·v_old − β·v_θ (the "
+        "official config.beta: 1.0 for GenEval, PickScore and HPSv2, 0.1 for OCR and the multi-reward run).",
+        default=1.0,
+    )
+    old_policy_decay: list[float] = _help(
+        "diffusion_nft: [flat_steps, rate, max] of the old policy's soft update after every iteration, "
+        "θ_old ← d·θ_old + (1−d)·θ with d = 0 for the first flat_steps optimizer steps, then min((steps − "
+        "flat_steps)·rate, max). The official decay_type 1 (GenEval, PickScore): [0, 0.001, 0.5]; 2 (OCR): "
+        "[75, 0.0075, 0.999]; [0, 0, 0]: the old policy is θ.",
+        default_factory=lambda: [0.0, 0.001, 0.5],
+    )
+    timestep_fraction: float = _help(
+        "diffusion_nft: each final sample is trained at int(num_inference_steps × this) of the rollout schedule's "
+        "timesteps, drawn per sample without repeats (the official train.timestep_fraction 0.99: 9 of 10).",
+        default=0.99,
+    )
+
     # --- objective, with the switches between the peers' conventions (README: Fidelity) ---
     epsilon: float = _help("Clip range ε of the ratio (tiny on purpose in this field).", default=1e-4)
     beta: float = _help(
         "KL coefficient to the reference policy (LoRA disabled): beta·mean((μ_θ−μ_ref)²)/(2·std²), std as "
-        "kl_normalization says.",
+        "kl_normalization says; diffusion_nft: beta·mean((v_θ−v_ref)²) on the velocities, as its official code.",
         default=0.0,
     )
     kl_normalization: str = _help(
@@ -541,6 +561,7 @@ class TempFlowGRPOConfig:
                 reject("reward_frames", f"indices must lie in [-{frames}, {frames - 1}] for num_frames {frames}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             reject("reward_weights", f"needs one weight per reward ({len(self.reward_funcs)})")
+        self._check_diffusion_nft()
         if self.loss_mean_over == "nonzero_advantage_child_slots" and not self.branched:
             reject("loss_mean_over", "nonzero_advantage_child_slots needs branched rollouts (tempflow_grpo with "
                    "branching); un-branched samples are their own slots: use nonzero_advantage_rows")
@@ -549,11 +570,29 @@ class TempFlowGRPOConfig:
         steps_per_pass = self.optimizer_steps_per_iteration // self.num_iterations
         if not self.branched and steps_per_pass > MAX_UNBRANCHED_STEPS_PER_PASS:
             warnings.warn(
-                f"un-branched rollouts train every stochastic step of every trajectory ({self.rows_per_iteration} "
-                f"rows per iteration), so this config takes {steps_per_pass} optimizer steps per pass over one "
-                f"rollout; Flow-GRPO's scripts take 1-2. Consider gradient_accumulation_steps: {self.trained_timesteps} "
+                f"un-branched rollouts train every sample at each of its {self.trained_timesteps} trained timesteps "
+                f"({self.rows_per_iteration} rows per iteration), so this config takes {steps_per_pass} optimizer steps "
+                f"per pass over one rollout; the Flow-GRPO and DiffusionNFT scripts take 1-2. Consider gradient_accumulation_steps: {self.trained_timesteps} "
                 "(the trained timesteps): on ShapesWorld, 9 steps per rollout made the no-branching ablation "
                 "collapse (BENCHMARKS.md)", UnbranchedStepsWarning, stacklevel=4)
+
+    def _check_diffusion_nft(self) -> None:
+        if len(self.old_policy_decay) != 3 or min(self.old_policy_decay) < 0 or self.old_policy_decay[2] >= 1:
+            raise ValueError("config `old_policy_decay`: must be [flat_steps, rate, max] with non-negative values and "
+                             f"max < 1 (got {self.old_policy_decay!r})")
+        if not 0 < self.nft_beta:
+            raise ValueError(f"config `nft_beta`: must be positive (got {self.nft_beta!r})")
+        if not 0 < self.timestep_fraction <= 1 or int(self.num_inference_steps * self.timestep_fraction) < 1:
+            raise ValueError("config `timestep_fraction`: must lie in (0, 1] and leave at least one timestep of "
+                             f"num_inference_steps {self.num_inference_steps} (got {self.timestep_fraction!r})")
+        if self.algorithm != "diffusion_nft":
+            return
+        if self.sde_window_size is not None:
+            raise ValueError("config `sde_window_size`: diffusion_nft samples with the ODE and has no SDE window "
+                             f"(got {self.sde_window_size!r})")
+        if self.loss_mean_over != "all_rows":
+            raise ValueError("config `loss_mean_over`: diffusion_nft trains every sample, zero advantage included "
+                             f"(r = 1/2 still pulls toward the old policy); use all_rows (got {self.loss_mean_over!r})")
 
     def _check_deviations(self) -> None:
         if self.deviations is None:
@@ -585,8 +624,10 @@ class TempFlowGRPOConfig:
 
     @property
     def trained_timesteps(self) -> int:
-        """Stochastic steps trained per trajectory of an un-branched rollout: the SDE window, else every step but
-        the last."""
+        """Timesteps trained per sample of an un-branched rollout: diffusion_nft's share of the schedule, else the
+        SDE window, else every step but the last."""
+        if self.algorithm == "diffusion_nft":
+            return int(self.num_inference_steps * self.timestep_fraction)
         return self.sde_window_size or self.num_inference_steps - 1
 
     @property

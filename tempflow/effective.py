@@ -16,7 +16,9 @@ from .config import TempFlowGRPOConfig
 from .model_configs import ModelConfigs
 
 EFFECTIVE_KEYS: dict[str, str] = {
-    "algorithm": "tempflow_grpo (branched rollouts) or flow_grpo (full SDE trajectories)",
+    "algorithm": "tempflow_grpo (branched rollouts), flow_grpo (full SDE trajectories) or diffusion_nft",
+    "rollout_sampler": "diffusion_nft: the solver of its deterministic rollouts",
+    "rollout_policy": "diffusion_nft: the weights that draw the rollouts (old: the soft-updated copy)",
     "model": "the pipeline trained",
     "resolution": "image height in pixels",
     "num_inference_steps": "steps of a training rollout",
@@ -64,6 +66,8 @@ EFFECTIVE_KEYS: dict[str, str] = {
     "ema_updates_per_interval": "times each EMA update is applied",
     "mixed_precision": "autocast / frozen-weight precision",
     "reward_funcs": "training rewards",
+    "nft_beta": "diffusion_nft: beta of the implicit positive / negative policies",
+    "old_policy_decay": "diffusion_nft: [flat_steps, rate, max] of the old policy's soft update per iteration",
 }
 """Every hyperparameter ``tempflow check-recipe`` compares, with what it means: the names a recipe's ``deviations``
 may use."""
@@ -78,12 +82,15 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
 
     policy_class = POLICY_CLASSES[model.family]
     branched = config.branched
+    nft = config.algorithm == "diffusion_nft"
     trained = _trained_steps(config)
     cfg = model.family in FAMILIES_WITH_CFG and config.guidance_scale > 1
     n = num_processes
     trajectories = n * config.prompts_per_iteration * (config.seeds_per_prompt if branched else config.num_generations)
     values = {
-        "algorithm": "tempflow_grpo" if branched else "flow_grpo",
+        "algorithm": "diffusion_nft" if nft else "tempflow_grpo" if branched else "flow_grpo",
+        "rollout_sampler": "euler" if nft else None,
+        "rollout_policy": "old" if nft else None,
         "model": config.model_name_or_path,
         "resolution": config.resolution,
         "num_inference_steps": config.num_inference_steps,
@@ -92,8 +99,8 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
         "negative_prompt": (config.negative_prompt if config.negative_prompt is not None
                             else policy_class.default_negative_prompt) if cfg else None,
         "max_sequence_length": config.max_sequence_length or policy_class.default_max_sequence_length,
-        "noise_level": config.noise_level,
-        "sde_type": config.sde_type,
+        "noise_level": None if nft else config.noise_level,
+        "sde_type": None if nft else config.sde_type,
         "group_size": config.num_generations,
         "seeds_per_prompt": config.seeds_per_prompt if branched else None,
         "trained_steps": trained,
@@ -106,13 +113,13 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
         "advantage_group": config.advantage_group if branched else "prompt",
         "reward_std": config.scale_rewards,
         "adv_clip_max": config.adv_clip_max,
-        "epsilon": config.epsilon,
+        "epsilon": None if nft else config.epsilon,
         "loss_mean_over": config.loss_mean_over,
         "cfg_uncond_gradient": config.cfg_uncond_gradient if cfg else None,
         "noise_aware_weighting": config.weighted,
         "noise_aware_weight_scale": None,
         "beta": config.beta,
-        "kl_normalization": config.kl_normalization if config.beta > 0 else None,
+        "kl_normalization": config.kl_normalization if config.beta > 0 and not nft else None,
         "learning_rate": config.learning_rate,
         "lr_scheduler_type": config.lr_scheduler_type,
         "warmup_steps": config.num_warmup_steps,
@@ -132,6 +139,8 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
         "ema_updates_per_interval": 1 if config.use_ema else None,  # tempflow applies each EMA update once
         "mixed_precision": config.mixed_precision,
         "reward_funcs": list(config.reward_funcs),
+        "nft_beta": config.nft_beta if nft else None,
+        "old_policy_decay": list(config.old_policy_decay) if nft else None,
     }
     if config.weighted and isinstance(trained, list):
         stds = trained_step_stds(config, model)
@@ -142,6 +151,8 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
 
 
 def _trained_steps(config: TempFlowGRPOConfig) -> list[int] | str:
+    if config.algorithm == "diffusion_nft":
+        return f"{config.trained_timesteps} of the {config.num_inference_steps} sampling timesteps, drawn per sample"
     if config.branched:
         pool = sorted(config.branch_steps or range(config.num_inference_steps - 1))
         k = config.num_branch_steps_per_iteration

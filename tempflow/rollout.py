@@ -38,8 +38,23 @@ def seeded_noise(shape: tuple[int, ...], *key: int) -> torch.Tensor:
     return torch.randn(shape, generator=seeded_generator(*key), dtype=torch.float32)
 
 
+class Rows:
+    """A dataclass of per-row tensors (None: not set) that the optimizer splits into micro-batches."""
+
+    def __len__(self) -> int:
+        return len(self.sample_index)
+
+    def select(self, index: torch.Tensor):
+        return type(self)(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)})
+
+    @classmethod
+    def cat(cls, parts: list):
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)
+                      if getattr(parts[0], f.name) is not None})
+
+
 @dataclass
-class Transitions:
+class Transitions(Rows):
     """Training rows: one stochastic step x_i → x_{i+1} each, with what the loss needs to score it again."""
 
     latents: torch.Tensor
@@ -62,16 +77,9 @@ class Transitions:
     """What block-sparse attention / token pruning selected for the row's velocity in the rollout, ``[rows, c,
     total]`` (:attr:`~tempflow.policies.FlowPolicy.last_selection`); recomputation replays it. None: nothing selects."""
 
-    def __len__(self) -> int:
-        return len(self.log_probs)
-
-    def select(self, index: torch.Tensor) -> Transitions:
-        return Transitions(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)})
-
-    @staticmethod
-    def cat(parts: list[Transitions]) -> Transitions:
-        return Transitions(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Transitions)
-                              if getattr(parts[0], f.name) is not None})
+    @property
+    def device(self) -> torch.device:
+        return self.log_probs.device
 
 
 
@@ -81,7 +89,8 @@ class RolloutBatch:
     the prompt embeddings that rows and samples index, and the stochastic step that drew the rows (the loss
     rescores them with the same object)."""
 
-    transitions: Transitions
+    transitions: Rows | None
+    """:class:`Transitions` (GRPO), :class:`~tempflow.nft.ForwardRows` (DiffusionNFT; set after the rollout)."""
     final_latents: torch.Tensor
     sample_prompt_index: torch.Tensor
     """Sample → index into the rollout's prompts (and ``embeds``)."""
@@ -173,12 +182,23 @@ class RolloutEngine:
         """Flow-GRPO: one SDE trajectory per (prompt index, seed). With ``sde_window = (start, size)`` only
         steps ``start .. start+size−1`` are stochastic (ODE elsewhere); otherwise every step is. Every
         stochastic step but the last of the trajectory is a training row."""
-        self._refuse_softpag()
-        sigmas = self.policy.sigma_schedule(num_steps)
         if sde_window is None:
             sde_positions = frozenset(range(num_steps))
         else:
             sde_positions = frozenset(range(sde_window[0], sde_window[0] + sde_window[1]))
+        return self._trajectory_batch(embeds, prompt_index, seeds, group_ids, num_steps, sde_positions, on_finished)
+
+    @torch.no_grad()
+    def samples(self, embeds: PromptEmbeds, prompt_index: list[int], seeds: list[int], group_ids: list[int],
+                num_steps: int, on_finished=None) -> RolloutBatch:
+        """ODE samples, one per (prompt index, seed), grouped by ``group_ids``, with no training rows: for
+        objectives that train on the final samples (DiffusionNFT)."""
+        return self._trajectory_batch(embeds, prompt_index, seeds, group_ids, num_steps, frozenset(), on_finished)
+
+    def _trajectory_batch(self, embeds, prompt_index, seeds, group_ids, num_steps, sde_positions,
+                          on_finished) -> RolloutBatch:
+        self._refuse_softpag()
+        sigmas = self.policy.sigma_schedule(num_steps)
         trained = frozenset(p for p in sde_positions if p < num_steps - 1)
         tracks = [
             self._start(sigmas, p, s, "trajectory", sample_index=k, sde_positions=sde_positions,

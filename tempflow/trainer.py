@@ -1,8 +1,9 @@
 """`TempFlowGRPOTrainer`: rollout → reward → advantage → loss → step, on top of accelerate.
 
 One training iteration: sample prompts, roll out (branched for TempFlow-GRPO, full SDE trajectories for
-Flow-GRPO), decode and score the samples, turn rewards into group-relative advantages, then take optimizer
-steps on the clipped GRPO loss over the rollout's transitions. Each stage is a method a subclass can override.
+Flow-GRPO, ODE samples of the old policy for DiffusionNFT), decode and score the samples, turn rewards into
+group-relative advantages, then take optimizer steps on the clipped GRPO loss over the rollout's transitions (on
+DiffusionNFT's loss over its re-noised samples). Each stage is a method a subclass can override.
 Everything random derives from ``(seed, iteration, rank, ...)``, so a run resumed from a checkpoint continues
 exactly as an uninterrupted one.
 """
@@ -32,6 +33,7 @@ from .run_directory import check_output_dir
 from .scoring import StreamingScorer
 from .trainer_checkpoints import CheckpointMixin
 from .trainer_evaluate import EvaluateMixin
+from .trainer_nft import DiffusionNFTMixin
 from .trainer_optimize import OptimizeMixin
 from .trainer_rollout import RolloutMixin
 from .trainer_setup import SetupMixin, record_deepspeed_ranks_on_cpu
@@ -39,12 +41,12 @@ from .trainer_setup import SetupMixin, record_deepspeed_ranks_on_cpu
 __all__ = ["NonFiniteTrainingError", "TempFlowGRPOTrainer"]  # the error, also importable from here
 
 
-class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, EvaluateMixin, CheckpointMixin):
-    """Fine-tune a flow-matching text-to-image model with TempFlow-GRPO or Flow-GRPO.
+class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTMixin, EvaluateMixin, CheckpointMixin):
+    """Fine-tune a flow-matching text-to-image model with TempFlow-GRPO, Flow-GRPO or DiffusionNFT.
 
     The stages live in one module each: building (:mod:`~tempflow.trainer_setup`), rollout and advantages
-    (:mod:`~tempflow.trainer_rollout`), loss and optimizer steps (:mod:`~tempflow.trainer_optimize`), evaluation
-    (:mod:`~tempflow.trainer_evaluate`), weights and checkpoints (:mod:`~tempflow.trainer_checkpoints`); this
+    (:mod:`~tempflow.trainer_rollout`), loss and optimizer steps (:mod:`~tempflow.trainer_optimize`), DiffusionNFT
+    (:mod:`~tempflow.trainer_nft`), evaluation (:mod:`~tempflow.trainer_evaluate`), weights and checkpoints (:mod:`~tempflow.trainer_checkpoints`); this
     module holds the loop.
 
     Args:

@@ -52,8 +52,11 @@ class OptimizeMixin:
         return self.step(latents, velocity, sigmas, rows.sigmas_next.to(device), next_latents=rows.next_latents)
 
     def compute_loss(self, rows: Transitions, embeds) -> tuple[torch.Tensor, dict]:
-        """Clipped GRPO loss of a micro-batch of transitions, with the KL term when ``beta > 0``."""
+        """Clipped GRPO loss of a micro-batch of transitions, with the KL term when ``beta > 0`` (DiffusionNFT's
+        rows: :meth:`~tempflow.trainer_nft.DiffusionNFTMixin.nft_loss`)."""
         config = self.config
+        if config.algorithm == "diffusion_nft":
+            return self.nft_loss(rows, embeds)
         out = self.rescore(rows, embeds, self.model)
         loss, stats = clipped_policy_loss(out.log_prob, rows.log_probs, rows.advantages, config.epsilon,
                                           rows.weights * rows.loss_mask)
@@ -79,7 +82,10 @@ class OptimizeMixin:
             for first in range(0, len(micro_batches), config.gradient_accumulation_steps):
                 self._accumulate(rows, embeds, micro_batches[first : first + config.gradient_accumulation_steps], tally)
                 self._apply_step(tally)
-        return self._optimization_metrics(tally)
+        metrics = self._optimization_metrics(tally)
+        if self.old_policy is not None:
+            metrics.update(self._update_old_policy())
+        return metrics
 
     def _accumulate(self, rows: Transitions, embeds, micro_batches: tuple[torch.Tensor, ...], tally: StepTally) -> None:
         """The gradient of one optimizer step: the loss mean over the step's counted rows, micro-batch by micro-batch.
@@ -99,7 +105,8 @@ class OptimizeMixin:
                 loss, stats = self.compute_loss(rows.select(index), embeds)
                 self.accelerator.backward(loss * len(index) / counted_rows, **backward_kwargs)
             tally.add(stats)
-            step_log_ratio += float(stats["abs_log_ratio"]) * len(index) / step_rows
+            if "abs_log_ratio" in stats:  # GRPO's ratio (DiffusionNFT has none)
+                step_log_ratio += float(stats["abs_log_ratio"]) * len(index) / step_rows
         tally.step_log_ratios.append(step_log_ratio)
 
     def _apply_step(self, tally: StepTally) -> None:

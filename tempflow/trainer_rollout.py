@@ -49,11 +49,13 @@ class RolloutMixin:
                    .generate_state(1)[0])
 
     def rollout(self, prompts: list[dict], on_finished=None) -> RolloutBatch:
-        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO) or full trajectories, with the
-        reference policy's step means when the loss has a KL term. ``on_finished`` receives samples as they
+        """Sample the iteration's rollout for ``prompts``: branched (TempFlow-GRPO), full trajectories (Flow-GRPO,
+        with the reference policy's step means when the loss has a KL term) or DiffusionNFT's ODE samples. ``on_finished`` receives samples as they
         finish (see :class:`~tempflow.rollout.RolloutEngine`)."""
         config = self.config
         embeds = self.policy.encode_prompts([r["prompt"] for r in prompts])
+        if config.algorithm == "diffusion_nft":
+            return self._nft_rollout(embeds, len(prompts), on_finished)
         if config.branched:
             k = config.seeds_per_prompt
             prompt_index = [p for p in range(len(prompts)) for _ in range(k)]
@@ -106,7 +108,7 @@ class RolloutMixin:
         advantages = group_advantages(rewards, rollout.sample_group, config.scale_rewards, clip=config.adv_clip_max,
                                       batch_std=batch_std)
         rows = rollout.transitions
-        device = rows.log_probs.device
+        device = rows.device
         rows.advantages = advantages.to(device)[rows.sample_index.to(device)]
         rows.weights = self.step_weights.to(device)[rows.step_index.to(device)]
         counted = torch.ones(len(rewards))

@@ -197,6 +197,7 @@ class SetupMixin:
 
             self.ema = EMAModel(self._ema_inputs(), decay=config.ema_decay)
             self.accelerator.register_for_checkpointing(self.ema)
+        self._build_old_policy()
         if config.use_lora:
             self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
             self.accelerator.register_load_state_pre_hook(self._load_lora_hook)

@@ -30,29 +30,49 @@ def test_throughput_benchmark_runs_on_tiny_config(tmp_path):
     assert compiled["graphs_compiled"] == 1  # the dynamic batch: one graph for the sweep and the rollout
 
 
-@pytest.mark.filterwarnings("error::tempflow.config.UnbranchedStepsWarning")  # flow_grpo runs get their accumulation
-def test_shapes_compare_spends_equal_budgets_and_writes_table_and_plot(tmp_path):
+@pytest.mark.filterwarnings("error::tempflow.config.UnbranchedStepsWarning")  # un-branched runs get their accumulation
+def test_shapes_compare_spends_equal_budgets_on_one_panel_and_writes_intervals(tmp_path):
     module = _load("shapes_compare")
-    module.main(["--budget", "300", "--eval-every", "300", "--seeds", "0", "--methods", "tempflow_grpo", "flow_grpo",
-                 "--num-eval-prompts", "3", "--prompts-per-iteration", "2", "--output-dir", str(tmp_path)])
+    common = ["--budget", "150", "--eval-every", "150", "--seeds", "0", "--panel-seeds", "2", "--panel-prompts", "3",
+              "--prompts-per-iteration", "2", "--bootstrap-draws", "50", "--output-dir", str(tmp_path)]
+    module.main([*common, "--methods", "tempflow_grpo", "flow_grpo", "diffusion_nft"])
     results = json.loads((tmp_path / "results.json").read_text())
-    for method in ("tempflow_grpo", "flow_grpo"):
+    for method in ("tempflow_grpo", "flow_grpo", "diffusion_nft"):
         points = results["runs"][method]["0"]
-        assert points[0]["model_evals"] == 0 and points[-1]["model_evals"] >= 300
-        assert 0.0 <= points[-1]["eval/shapes_strict"] <= 1.0
-    assert {row["budget"] for row in results["summary"]} == {0, 300}
-    assert (tmp_path / "accuracy.png").stat().st_size > 0 and "flow_grpo" in (tmp_path / "table.md").read_text()
-    assert [row["method"] for row in results["evaluations_to_reach"]] == ["tempflow_grpo", "flow_grpo"]
+        assert points[0]["model_evals"] == 0 and points[-1]["model_evals"] >= 150
+        assert len(points[-1]["panel/shapes_strict"]) == 3 * 2 and 0.0 <= points[-1]["eval/shapes_strict"] <= 1.0
+    # the untrained model is scored once per guidance scale, and every method starts from that same panel
+    assert results["runs"]["flow_grpo"]["0"][0] == results["runs"]["diffusion_nft"]["0"][0]
+    assert set(results["starts"]) == {"4.5"}
+    assert {row["budget"] for row in results["summary"]} == {0, 150}
+    assert set(results["comparison"]) == {"tempflow_grpo", "flow_grpo", "diffusion_nft"}
+    reference = results["comparison"]["flow_grpo"]["evals_to_target_ratio"]
+    assert reference["low"] <= reference["estimate"] <= reference["high"]
+    assert [d["component"] for d in results["differences"]] == ["TempFlow-GRPO vs Flow-GRPO",
+                                                                "DiffusionNFT vs TempFlow-GRPO"]
+    table = (tmp_path / "table.md").read_text()
+    assert "panel SE" in table and "resolv" in table and (tmp_path / "accuracy.png").stat().st_size > 0
 
-    # --resume keeps the finished runs (they are not rerun: their points stay identical) and adds the new method
-    module.main(["--budget", "300", "--eval-every", "300", "--seeds", "0", "--methods", "tempflow_no_weighting",
-                 "--num-eval-prompts", "3", "--prompts-per-iteration", "2", "--output-dir", str(tmp_path), "--resume"])
+    # --resume keeps the finished runs (not rerun: their points stay identical) and adds the new method
+    module.main([*common, "--methods", "diffusion_nft_cfg_free", "--resume"])
     resumed = json.loads((tmp_path / "results.json").read_text())
-    assert set(resumed["runs"]) == {"tempflow_grpo", "flow_grpo", "tempflow_no_weighting"}
+    assert set(resumed["runs"]) == {"tempflow_grpo", "flow_grpo", "diffusion_nft", "diffusion_nft_cfg_free"}
     assert resumed["runs"]["flow_grpo"] == results["runs"]["flow_grpo"]
-    assert "tempflow_no_weighting" in (tmp_path / "table.md").read_text()
-    with pytest.raises(SystemExit, match="budget=300"):
-        module.main(["--budget", "600", "--output-dir", str(tmp_path), "--resume"])
+    assert set(resumed["starts"]) == {"4.5", "1.0"}
+    with pytest.raises(SystemExit, match="panel_seeds=2"):
+        module.main([*common, "--panel-seeds", "3", "--resume"])  # the last value given wins
+
+
+def test_shapes_compare_picks_each_methods_rate_on_the_validation_panel(tmp_path):
+    module = _load("shapes_compare")
+    summary = module.main(["--budget", "100", "--eval-every", "100", "--seeds", "0", "--methods", "tempflow_grpo",
+                           "--panel-seeds", "2", "--validation-seeds", "2", "--panel-prompts", "2",
+                           "--prompts-per-iteration", "1", "--learning-rates", "1e-3", "1e-5", "--sweep-budget", "100",
+                           "--output-dir", str(tmp_path)])
+    scores = summary["sweep"]["tempflow_grpo"]
+    assert set(scores) == {"0.001", "1e-05"}
+    assert summary["learning_rates"]["tempflow_grpo"] == float(max(scores, key=scores.get))
+    assert (tmp_path / "sweep-tempflow_grpo-1e-05").is_dir()
 
 
 def test_evaluations_to_reach_interpolates_between_marks_and_says_never():

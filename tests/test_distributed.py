@@ -114,6 +114,24 @@ def test_deepspeed_zero2_trains_like_ddp_and_resumes(tiny_sd3_dir, ddp_run, tmp_
         torch.testing.assert_close(lora[name], reference[name], atol=1e-5, rtol=0)
 
 
+def test_diffusion_nft_trains_on_two_processes_in_sync(tiny_sd3_dir, tmp_path):
+    """DiffusionNFT under DDP: rewards gathered, weights equal across ranks, the old policy updated after every
+    iteration (its decay from the optimizer steps taken: 1 and 2 of the official decay_type 1)."""
+    out = tmp_path / "nft"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no"],
+            ["--model_name_or_path", tiny_sd3_dir, "--output_dir", str(out), "--max_sequence_length", "16",
+             "--algorithm", "diffusion_nft", "--scale_rewards", "batch", "--gradient_accumulation_steps", "3",
+             "--eval_prompts", "none", "--max_steps", "2"], env)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [step["nft/old_policy_decay"] for step in history] == pytest.approx([0.001, 0.002])
+    for step in history:
+        assert step["reward/count"] == 2 * 2 * 3  # processes x prompts x generations
+        assert step["train/optimizer_steps"] == 1  # 18 rows a process: 3 micro-batches of 6, accumulated
+        assert step["train/rank_weight_divergence"] == 0.0
+
+
 def test_batch_reward_std_pools_the_rewards_of_every_process(tmp_path):
     """`scale_rewards: batch` (Flow-GRPO's global_std) divides by the std of all processes' rewards, not each its own."""
     from distributed_advantages import GROUPS, REWARDS

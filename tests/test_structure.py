@@ -97,7 +97,7 @@ def test_worlds_plug_in_through_the_registries(tmp_path):
     assert resolve_pipeline("owner/model") == "owner/model"
 
 
-TRAINING_PATH = ("trainer", "trainer_setup", "trainer_rollout", "trainer_optimize", "trainer_evaluate",
+TRAINING_PATH = ("trainer", "trainer_setup", "trainer_rollout", "trainer_optimize", "trainer_nft", "nft", "trainer_evaluate",
                  "trainer_checkpoints", "rollout", "sampling", "loss", "advantages", "scoring", "evaluation")
 
 
