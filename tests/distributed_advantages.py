@@ -26,7 +26,8 @@ class Probe(RolloutMixin):
 def main(out: str) -> None:
     accelerator = Accelerator()
     rank = accelerator.process_index
-    rows = SimpleNamespace(log_probs=torch.zeros(4), sample_index=torch.arange(4), step_index=torch.zeros(4, dtype=torch.long))
+    rows = SimpleNamespace(log_probs=torch.zeros(4), sample_index=torch.arange(4),
+                           step_index=torch.zeros(4, dtype=torch.long), device=torch.device("cpu"))
     rollout = SimpleNamespace(transitions=rows, sample_group=torch.tensor(GROUPS))
     Probe(accelerator).compute_advantages(rollout, torch.tensor(REWARDS[rank]))
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows.advantages.tolist()))
