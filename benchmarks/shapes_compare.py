@@ -12,6 +12,11 @@ wall-clock-to-target (Flow-GRPO's final accuracy) and every component's differen
 hierarchical bootstrap over training seeds and panel noise seeds. Written as JSON, Markdown and a PNG plot.
 
     python benchmarks/shapes_compare.py --budget 34000 --eval-every 8500 --seeds 0 1 2 --output-dir outputs/bench
+
+Each run records two clocks: wall-clock seconds and the process's CPU seconds. On a shared machine, give each
+benchmark process one thread (``--threads 1``) and compare with ``--clock cpu``: one thread's CPU seconds are the
+wall-clock of that run alone on one core, and other work on the machine does not inflate them. Methods can then run
+as parallel processes into separate output directories, joined by a last call with ``--merge``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dataclasses
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,33 +113,39 @@ def evaluate_panel(trainer: TempFlowGRPOTrainer, panel: Panel) -> dict:
 def run(config: TempFlowGRPOConfig, budget: int, eval_every: int, panel: Panel, label: str,
         start: dict | None = None) -> list[dict]:
     """Train until ``budget`` evaluations, scoring ``panel`` at the start (``start`` when given: the untrained
-    model's panel, the same for every method sampling with its guidance) and every ``eval_every``."""
+    model's panel, the same for every method sampling with its guidance) and every ``eval_every``. Each point holds
+    the training time so far on both clocks (evaluation excluded)."""
     trainer = TempFlowGRPOTrainer(config)
-    points = [{"model_evals": 0, "seconds": 0.0, **(start or evaluate_panel(trainer, panel))}]
-    used, seconds, next_mark = 0, 0.0, eval_every
+    points = [{"model_evals": 0, "seconds": 0.0, "cpu_seconds": 0.0, **(start or evaluate_panel(trainer, panel))}]
+    used, seconds, cpu_seconds, next_mark = 0, 0.0, 0.0, eval_every
     with tqdm(total=budget, desc=label, unit="eval") as bar:
         while used < budget:
-            begin = time.perf_counter()
+            begin, begin_cpu = time.perf_counter(), time.process_time()
             metrics = trainer.training_step()
             trainer.iteration += 1
             seconds += time.perf_counter() - begin
+            cpu_seconds += time.process_time() - begin_cpu
             used += metrics["rollout/model_evals"]
             bar.update(metrics["rollout/model_evals"])
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
             if used >= next_mark or used >= budget:
-                points.append({"model_evals": used, "seconds": seconds, **evaluate_panel(trainer, panel)})
+                points.append({"model_evals": used, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                               **evaluate_panel(trainer, panel)})
                 next_mark += eval_every
     return points
 
 
-def as_runs(results: dict, panel_shape: tuple[int, int]) -> dict[str, list[Run]]:
+CLOCKS = {"wall": "seconds", "cpu": "cpu_seconds"}  # --clock -> the points' key
+
+
+def as_runs(results: dict, panel_shape: tuple[int, int], clock: str) -> dict[str, list[Run]]:
     prompts, seeds = panel_shape
-    return {method: [Run([p["model_evals"] for p in points], [p["seconds"] for p in points],
+    return {method: [Run([p["model_evals"] for p in points], [p[clock] for p in points],
                          [np.asarray(p[PANEL], dtype=np.float64).reshape(seeds, prompts).T for p in points])
                      for points in runs.values()] for method, runs in results.items()}
 
 
-def summarise(results: dict, budget: int, eval_every: int) -> list[dict]:
+def summarise(results: dict, budget: int, eval_every: int, clock: str) -> list[dict]:
     """Per method: accuracy and reward at each budget mark (the first evaluation at or past it), over seeds."""
     rows = []
     marks = list(range(eval_every, budget + 1, eval_every)) or [budget]
@@ -145,7 +157,7 @@ def summarise(results: dict, budget: int, eval_every: int) -> list[dict]:
                          "accuracy_std": float(np.std(accuracies)),
                          "panel_se": float(np.mean([p[f"{ACCURACY}_se"] for p in chosen])),
                          "reward_mean": float(np.mean([p[REWARD] for p in chosen])),
-                         "seconds_mean": float(np.mean([p["seconds"] for p in chosen])), "seeds": len(chosen)})
+                         "seconds_mean": float(np.mean([p[clock] for p in chosen])), "seeds": len(chosen)})
     return rows
 
 
@@ -155,9 +167,9 @@ def evaluations_to_reach(points: list[dict], target: float) -> float | None:
     return first_crossing([p["model_evals"] for p in points], [p[ACCURACY] for p in points], target)
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], clock: str) -> str:
     lines = ["| method | evaluations | strict accuracy (mean ± std over seeds) | panel SE | partial reward | "
-             "train seconds |", "|---|---|---|---|---|---|"]
+             f"train seconds ({clock}) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | "
                      f"{r['panel_se']:.3f} | {r['reward_mean']:.3f} | {r['seconds_mean']:.0f} |")
@@ -170,11 +182,11 @@ def _ratio(entry: dict) -> str:
     return f"{fmt(entry['estimate'])} [{fmt(entry['low'])}, {fmt(entry['high'])}]"
 
 
-def markdown_comparison(comparison: dict, differences: list[dict]) -> str:
+def markdown_comparison(comparison: dict, differences: list[dict], clock: str) -> str:
     target = next(iter(comparison.values()))["target"]["estimate"]
     lines = [f"Cost to reach {REFERENCE}'s final accuracy ({target:.3f}), as a fraction of {REFERENCE}'s budget "
              "(95 % bootstrap interval over training seeds and panel noise seeds):", "",
-             "| method | final accuracy | evaluations to target | wall-clock to target |", "|---|---|---|---|"]
+             f"| method | final accuracy | evaluations to target | {clock} seconds to target |", "|---|---|---|---|"]
     for method, entry in comparison.items():
         final = entry["final_accuracy"]
         costs = ("1 (the target is its final mean; seeds below the mean never reach it)",) * 2 if method == REFERENCE \
@@ -190,7 +202,7 @@ def markdown_comparison(comparison: dict, differences: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, clock: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +210,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for method, runs in results.items():
-        for ax, x_key in zip(axes, ("model_evals", "seconds")):
+        for ax, x_key in zip(axes, ("model_evals", CLOCKS[clock])):
             curves = [([p[x_key] for p in points], [p[ACCURACY] for p in points]) for points in runs.values()]
             length = min(len(c[0]) for c in curves)
             x = np.mean([c[0][:length] for c in curves], axis=0)
@@ -209,7 +221,7 @@ def plot(results: dict, path: Path) -> None:
         final = float(np.mean([points[-1][ACCURACY] for points in results[REFERENCE].values()]))
         axes[0].axhline(final, color="gray", linestyle="--", linewidth=1, label=f"{REFERENCE} final")
     axes[0].set_xlabel("transformer evaluations")
-    axes[1].set_xlabel("training wall-clock (s)")
+    axes[1].set_xlabel("training wall-clock (s)" if clock == "wall" else "training CPU seconds (one thread)")
     for ax in axes:
         ax.set_ylabel("held-out strict accuracy (panel)")
         ax.grid(alpha=0.3)
@@ -220,18 +232,32 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def previous_runs(results_path: Path, args) -> dict:
+def previous_runs(results_path: Path, args, flag: str = "--resume") -> dict:
     """The state of an earlier invocation with the same budget, marks and panel (JSON keys are strings: seeds
     become ints again); methods and seeds not asked for now are kept too, so the tables and plot show them."""
     if not results_path.exists():
+        if flag == "--merge":
+            raise SystemExit(f"--merge: {results_path} does not exist")
         return {}
     previous = json.loads(results_path.read_text())
-    for key in ("budget", "eval_every", "panel_seeds", "panel_prompts"):
+    for key in ("budget", "eval_every", "panel_seeds", "panel_prompts", "validation_seeds", "sweep_budget"):
         if previous["args"].get(key) != getattr(args, key):
-            raise SystemExit(f"--resume: {results_path} has {key}={previous['args'].get(key)}, "
+            raise SystemExit(f"{flag}: {results_path} has {key}={previous['args'].get(key)}, "
                              f"this run asks for {getattr(args, key)}; use another --output-dir")
     previous["runs"] = {m: {int(s): points for s, points in runs.items()} for m, runs in previous["runs"].items()}
     return previous
+
+
+def merge(state: dict, other: dict) -> None:
+    """Add ``other``'s runs, sweep scores, chosen rates and start panels to ``state`` (what ``state`` has wins)."""
+    for method, runs in other.get("runs", {}).items():
+        mine = state.setdefault("runs", {}).setdefault(method, {})
+        mine.update({seed: points for seed, points in runs.items() if seed not in mine})
+    for method, scores in other.get("sweep", {}).items():
+        mine = state.setdefault("sweep", {}).setdefault(method, {})
+        mine.update({rate: score for rate, score in scores.items() if rate not in mine})
+    for key in ("learning_rates", "starts"):
+        state[key] = {**other.get(key, {}), **state.get(key, {})}
 
 
 def panels(args) -> tuple[Panel, Panel]:
@@ -247,8 +273,10 @@ def panels(args) -> tuple[Panel, Panel]:
     return test, validation
 
 
-def pick_learning_rate(method: str, args, validation: Panel, output_dir: Path, sweep: dict) -> float | None:
-    """The rate of ``--learning-rates`` whose short run scores best on the validation panel (None: the recipe's)."""
+def pick_learning_rate(method: str, args, validation: Panel, output_dir: Path, sweep: dict,
+                       save: Callable[[], None]) -> float | None:
+    """The rate of ``--learning-rates`` whose short run scores best on the validation panel (None: the recipe's);
+    ``save()`` after each sweep run."""
     if not args.learning_rates:
         return None
     scores = sweep.setdefault(method, {})
@@ -258,6 +286,7 @@ def pick_learning_rate(method: str, args, validation: Panel, output_dir: Path, s
                                    args.prompts_per_iteration, rate)
             points = run(config, args.sweep_budget, args.sweep_budget, validation, f"{method} lr {rate:g}")
             scores[str(rate)] = points[-1][ACCURACY]
+            save()
     return float(max(scores, key=scores.get))
 
 
@@ -278,45 +307,61 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", default="outputs/shapes_compare")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in OUTPUT_DIR/results.json (same budget, marks and panel)")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                        help="also take the runs and sweeps of these output directories (same budget, marks and "
+                             "panels), e.g. of benchmark processes run in parallel")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="the seconds the tables, intervals and plot use: wall-clock, or the process's CPU "
+                             "seconds (with --threads 1: one core's wall-clock, unaffected by other work)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / "results.json"
     state = previous_runs(results_path, args) if args.resume else {}
+    for other in args.merge:
+        merge(state, previous_runs(Path(other) / "results.json", args, "--merge"))
     results, sweep = state.get("runs", {}), state.get("sweep", {})
     rates, starts = state.get("learning_rates", {}), state.get("starts", {})
     test, validation = panels(args)
+
+    def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
+        results_path.write_text(json.dumps({"args": vars(args), "runs": results, "sweep": sweep,
+                                            "learning_rates": rates, "starts": starts}))
+
     for method in args.methods:
-        rates[method] = pick_learning_rate(method, args, validation, output_dir, sweep)
-        for seed in args.seeds:
+        rates[method] = pick_learning_rate(method, args, validation, output_dir, sweep, save)
+    for seed in args.seeds:  # seeds outermost: an interrupted benchmark has every method at the same seeds
+        for method in args.methods:
             if seed in results.get(method, {}):
                 continue
             config = method_config(method, seed, output_dir / f"{method}-seed{seed}", args.prompts_per_iteration,
                                    rates[method])
             guidance = str(config.guidance_scale)  # the untrained model's panel depends on nothing else
             points = run(config, args.budget, args.eval_every, test, f"{method} seed {seed}", starts.get(guidance))
-            starts[guidance] = {k: v for k, v in points[0].items() if k not in ("model_evals", "seconds")}
+            starts[guidance] = {k: v for k, v in points[0].items() if k not in ("model_evals", *CLOCKS.values())}
             results.setdefault(method, {})[seed] = points
-            # written after every run, so an interrupted benchmark keeps what it measured
-            results_path.write_text(json.dumps({"args": vars(args), "runs": results, "sweep": sweep,
-                                                "learning_rates": rates, "starts": starts}))
-    rows = summarise(results, args.budget, args.eval_every)
+            save()
+    clock = CLOCKS[args.clock]
+    rows = summarise(results, args.budget, args.eval_every, clock)
     summary = {"args": vars(args), "runs": results, "sweep": sweep, "learning_rates": rates, "starts": starts,
                "summary": rows, "panel": {"prompts": len(test.prompts), "seeds": test.num_seeds}}
-    table = markdown_table(rows)
+    table = markdown_table(rows, args.clock)
     if REFERENCE in results:
-        runs = as_runs(results, (len(test.prompts), test.num_seeds))
+        runs = as_runs(results, (len(test.prompts), test.num_seeds), clock)
         summary["comparison"] = bootstrap_comparison(runs, REFERENCE, draws=args.bootstrap_draws)
         summary["differences"] = [
             {"component": name, "method": a, "without": b,
              **bootstrap_final_difference(runs[a], runs[b], draws=args.bootstrap_draws)}
             for name, a, b in COMPONENTS if a in runs and b in runs
         ]
-        table += "\n\n" + markdown_comparison(summary["comparison"], summary["differences"])
+        table += "\n\n" + markdown_comparison(summary["comparison"], summary["differences"], args.clock)
     results_path.write_text(json.dumps(summary))
     (output_dir / "table.md").write_text(table + "\n")
-    plot(results, output_dir / "accuracy.png")
+    plot(results, output_dir / "accuracy.png", args.clock)
     print(table)
     return summary
 

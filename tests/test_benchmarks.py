@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -61,6 +62,36 @@ def test_shapes_compare_spends_equal_budgets_on_one_panel_and_writes_intervals(t
     assert set(resumed["starts"]) == {"4.5", "1.0"}
     with pytest.raises(SystemExit, match="panel_seeds=2"):
         module.main([*common, "--panel-seeds", "3", "--resume"])  # the last value given wins
+
+
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shapes_compare_merges_parallel_processes_and_reports_cpu_seconds(tmp_path, restore_torch_threads):
+    module = _load("shapes_compare")
+    common = ["--budget", "100", "--eval-every", "100", "--seeds", "0", "--panel-seeds", "2", "--panel-prompts", "2",
+              "--prompts-per-iteration", "1", "--bootstrap-draws", "20", "--threads", "1", "--clock", "cpu"]
+    module.main([*common, "--methods", "flow_grpo", "--output-dir", str(tmp_path / "a")])
+    module.main([*common, "--methods", "tempflow_grpo", "--output-dir", str(tmp_path / "b")])
+    part_a = json.loads((tmp_path / "a" / "results.json").read_text())
+    final = part_a["runs"]["flow_grpo"]["0"][-1]
+    assert final["cpu_seconds"] > 0 and final["seconds"] > 0
+    merged = module.main([*common, "--methods", "flow_grpo", "--output-dir", str(tmp_path / "ab"),
+                          "--merge", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert set(merged["runs"]) == {"flow_grpo", "tempflow_grpo"}
+    assert merged["runs"]["flow_grpo"][0] == part_a["runs"]["flow_grpo"]["0"]  # taken, not trained again
+    assert not (tmp_path / "ab" / "flow_grpo-seed0").exists()
+    assert "train seconds (cpu)" in (tmp_path / "ab" / "table.md").read_text()
+    assert [d["component"] for d in merged["differences"]] == ["TempFlow-GRPO vs Flow-GRPO"]
+    with pytest.raises(SystemExit, match="budget=100"):
+        module.main([*common[:1], "200", *common[2:], "--output-dir", str(tmp_path / "c"),
+                     "--merge", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        module.main([*common, "--output-dir", str(tmp_path / "d"), "--merge", str(tmp_path / "missing")])
 
 
 def test_shapes_compare_picks_each_methods_rate_on_the_validation_panel(tmp_path):
