@@ -102,7 +102,7 @@ def evaluate_panel(trainer: TempFlowGRPOTrainer, panel: Panel) -> dict:
     trainer.policy.transformer.eval()
     with trainer._ema_weights(), trainer.accelerator.autocast():
         images = sample_images(trainer.policy, trainer.engine, panel.records, panel.seeds,
-                               trainer.config.eval_num_inference_steps)
+                               trainer.config.eval_num_inference_steps, progress=True)
     _, components = score_images(trainer.reward, images, panel.records)
     strict = components["shapes_strict"].tolist()
     accuracy, standard_error = mean_and_standard_error(panel.matrix(strict))
@@ -256,7 +256,7 @@ def merge(state: dict, other: dict) -> None:
     for method, scores in other.get("sweep", {}).items():
         mine = state.setdefault("sweep", {}).setdefault(method, {})
         mine.update({rate: score for rate, score in scores.items() if rate not in mine})
-    for key in ("learning_rates", "starts"):
+    for key in ("learning_rates", "starts", "validation_starts"):
         state[key] = {**other.get(key, {}), **state.get(key, {})}
 
 
@@ -273,10 +273,15 @@ def panels(args) -> tuple[Panel, Panel]:
     return test, validation
 
 
-def pick_learning_rate(method: str, args, validation: Panel, output_dir: Path, sweep: dict,
+def start_of(points: list[dict]) -> dict:
+    """A run's untrained panel scores, to reuse for every run that samples with the same guidance."""
+    return {k: v for k, v in points[0].items() if k not in ("model_evals", *CLOCKS.values())}
+
+
+def pick_learning_rate(method: str, args, validation: Panel, output_dir: Path, sweep: dict, starts: dict,
                        save: Callable[[], None]) -> float | None:
     """The rate of ``--learning-rates`` whose short run scores best on the validation panel (None: the recipe's);
-    ``save()`` after each sweep run."""
+    ``starts`` holds the validation panel's untrained scores per guidance; ``save()`` after each sweep run."""
     if not args.learning_rates:
         return None
     scores = sweep.setdefault(method, {})
@@ -284,7 +289,10 @@ def pick_learning_rate(method: str, args, validation: Panel, output_dir: Path, s
         if str(rate) not in scores:
             config = method_config(method, SWEEP_SEED, output_dir / f"sweep-{method}-{rate:g}",
                                    args.prompts_per_iteration, rate)
-            points = run(config, args.sweep_budget, args.sweep_budget, validation, f"{method} lr {rate:g}")
+            guidance = str(config.guidance_scale)
+            points = run(config, args.sweep_budget, args.sweep_budget, validation, f"{method} lr {rate:g}",
+                         starts.get(guidance))
+            starts[guidance] = start_of(points)
             scores[str(rate)] = points[-1][ACCURACY]
             save()
     return float(max(scores, key=scores.get))
@@ -326,14 +334,16 @@ def main(argv=None) -> dict:
         merge(state, previous_runs(Path(other) / "results.json", args, "--merge"))
     results, sweep = state.get("runs", {}), state.get("sweep", {})
     rates, starts = state.get("learning_rates", {}), state.get("starts", {})
+    validation_starts = state.get("validation_starts", {})
     test, validation = panels(args)
 
     def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
         results_path.write_text(json.dumps({"args": vars(args), "runs": results, "sweep": sweep,
-                                            "learning_rates": rates, "starts": starts}))
+                                            "learning_rates": rates, "starts": starts,
+                                            "validation_starts": validation_starts}))
 
     for method in args.methods:
-        rates[method] = pick_learning_rate(method, args, validation, output_dir, sweep, save)
+        rates[method] = pick_learning_rate(method, args, validation, output_dir, sweep, validation_starts, save)
     for seed in args.seeds:  # seeds outermost: an interrupted benchmark has every method at the same seeds
         for method in args.methods:
             if seed in results.get(method, {}):
@@ -342,12 +352,13 @@ def main(argv=None) -> dict:
                                    rates[method])
             guidance = str(config.guidance_scale)  # the untrained model's panel depends on nothing else
             points = run(config, args.budget, args.eval_every, test, f"{method} seed {seed}", starts.get(guidance))
-            starts[guidance] = {k: v for k, v in points[0].items() if k not in ("model_evals", *CLOCKS.values())}
+            starts[guidance] = start_of(points)
             results.setdefault(method, {})[seed] = points
             save()
     clock = CLOCKS[args.clock]
     rows = summarise(results, args.budget, args.eval_every, clock)
     summary = {"args": vars(args), "runs": results, "sweep": sweep, "learning_rates": rates, "starts": starts,
+               "validation_starts": validation_starts,
                "summary": rows, "panel": {"prompts": len(test.prompts), "seeds": test.num_seeds}}
     table = markdown_table(rows, args.clock)
     if REFERENCE in results:

@@ -103,6 +103,7 @@ def test_shapes_compare_picks_each_methods_rate_on_the_validation_panel(tmp_path
     scores = summary["sweep"]["tempflow_grpo"]
     assert set(scores) == {"0.001", "1e-05"}
     assert summary["learning_rates"]["tempflow_grpo"] == float(max(scores, key=scores.get))
+    assert set(summary["validation_starts"]) == {"4.5"}  # the untrained model scored once, not once per rate
     assert (tmp_path / "sweep-tempflow_grpo-1e-05").is_dir()
 
 
