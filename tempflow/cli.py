@@ -34,6 +34,7 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
 
     trainer = TempFlowGRPOTrainer(config)
     summary = trainer.train()
+    trainer.accelerator.state.destroy_process_group()  # a process group left to exit teardown can abort there
     if not trainer.accelerator.is_main_process:
         return summary
     if summary["interrupted_by"]:

@@ -90,11 +90,14 @@ def old_policy_decay(optimizer_steps: int, flat_steps: float, rate: float, maxim
 class OldPolicy:
     """θ_old: a copy of the trainable weights that draws the rollouts and gives v_old, updated after every
     iteration as θ_old ← d·θ_old + (1 − d)·θ. Swapping it in exchanges tensor storage with the live weights (no
-    copy), for forward passes without gradient. Registered with accelerate, so checkpoints keep it."""
+    copy), for forward passes without gradient; FSDP gathers its weights from buffers of its own, so sharded
+    weights are exchanged by value instead (``swap_by_copy``, one weight's shard of scratch memory at a time).
+    Registered with accelerate, so checkpoints keep it (under FSDP each process saves its slice)."""
 
-    def __init__(self, parameters: list[torch.nn.Parameter]):
+    def __init__(self, parameters: list[torch.nn.Parameter], swap_by_copy: bool = False):
         self.parameters = parameters
         self.weights = [p.detach().clone() for p in parameters]
+        self.swap_by_copy = swap_by_copy
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -105,11 +108,17 @@ class OldPolicy:
         finally:
             self._swap()
 
+    @torch.no_grad()
     def _swap(self) -> None:
         for parameter, old in zip(self.parameters, self.weights):
-            live = parameter.data
-            parameter.data = old.data
-            old.data = live
+            if self.swap_by_copy:
+                live = parameter.detach().clone()
+                parameter.detach().copy_(old)
+                old.copy_(live)
+            else:
+                live = parameter.data
+                parameter.data = old.data
+                old.data = live
 
     @torch.no_grad()
     def soft_update(self, decay: float) -> None:

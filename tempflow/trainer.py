@@ -36,7 +36,7 @@ from .trainer_evaluate import EvaluateMixin
 from .trainer_nft import DiffusionNFTMixin
 from .trainer_optimize import OptimizeMixin
 from .trainer_rollout import RolloutMixin
-from .trainer_setup import SetupMixin, record_deepspeed_ranks_on_cpu
+from .trainer_setup import SetupMixin, enable_fsdp_on_cpu, record_deepspeed_ranks_on_cpu
 
 __all__ = ["NonFiniteTrainingError", "TempFlowGRPOTrainer"]  # the error, also importable from here
 
@@ -72,6 +72,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         self._build_rewards(reward_funcs)
         if accelerator is None:
             record_deepspeed_ranks_on_cpu()
+            enable_fsdp_on_cpu()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to,
@@ -84,6 +85,9 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         self.deepspeed_zero_stage = None
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded:
+            self._configure_fsdp()
         if config.compile_transformer:
             self._compile_transformer()
         self._prepare_optimization()
@@ -220,5 +224,6 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
             if self.history:
                 plot_reward_curve(self.history, output / "reward_curve.png", self.evaluations,
                                   task_reward=self._headline_eval_reward())
+        self.accelerator.wait_for_everyone()  # no process leaves while the main one writes
         self.accelerator.end_training()
         return summary

@@ -1,6 +1,7 @@
-"""Weights and checkpoints of a training run: LoRA or full-transformer export (gathered under ZeRO-3), accelerate
-checkpoints written atomically with the trainer's state and a manifest, LoRA-only checkpoint hooks, and exact
-resume (DeepSpeed's partial-checkpoint options included)."""
+"""Weights and checkpoints of a training run: LoRA or full-transformer export (gathered under ZeRO-3 and FSDP),
+accelerate checkpoints written atomically with the trainer's state and a manifest, LoRA-only checkpoint hooks, the
+per-process shards of the EMA and old policy under FSDP, and exact resume (DeepSpeed's partial-checkpoint options
+included)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .run_directory import (
     prune_checkpoints,
     write_manifest,
 )
+from .sharding import load_shard, save_shard, save_whole_model
 
 
 class CheckpointMixin:
@@ -26,25 +28,30 @@ class CheckpointMixin:
 
     def save_model(self, directory: str | Path) -> None:
         """Export the trained weights: LoRA in the diffusers format (``pipeline.load_lora_weights(directory)``),
-        or the full transformer with ``save_pretrained``. Uses the EMA weights when EMA is on."""
+        or the full transformer with ``save_pretrained``. Uses the EMA weights when EMA is on. Sharded weights
+        (ZeRO-3, FSDP) are gathered whole: every process takes part, the main one writes."""
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
         whole = contextlib.nullcontext()
-        if self.deepspeed_zero_stage == 3:  # every process takes part in gathering the shards
+        if self.deepspeed_zero_stage == 3:
             import deepspeed
 
             whole = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
         with self._ema_weights(), whole:
-            if self.accelerator.is_main_process and self.config.use_lora:
-                self.policy.save_lora(directory, model)
+            if self.config.use_lora:
+                self.policy.save_lora(directory, model, write=self.accelerator.is_main_process)
+            elif self.sharded:
+                state = self.accelerator.get_state_dict(model)  # whole, on the main process's CPU
+                if self.accelerator.is_main_process:
+                    save_whole_model(model, state, Path(directory) / "transformer")
             elif self.accelerator.is_main_process:
                 model.save_pretrained(Path(directory) / "transformer")
         self.accelerator.wait_for_everyone()
 
     def _save_lora_hook(self, models, weights, output_dir) -> None:
-        if self.accelerator.is_main_process:
-            for model in models:
-                self.policy.save_lora(output_dir, self.accelerator.unwrap_model(model))
+        for model in models:
+            self.policy.save_lora(output_dir, self.accelerator.unwrap_model(model),
+                                  write=self.accelerator.is_main_process)
         weights.clear()  # accelerate then writes no full copy of the (frozen) transformer
 
     def _load_lora_hook(self, models, input_dir) -> None:
@@ -70,6 +77,8 @@ class CheckpointMixin:
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(temporary), **self._deepspeed_checkpoint_kwargs(save=True))
+        for name, (tensors, scalars) in self._sharded_states().items():
+            save_shard(temporary, name, self.accelerator.process_index, tensors, scalars)
         self.accelerator.wait_for_everyone()  # every process has written its part before the rename
         if self.accelerator.is_main_process:
             state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
@@ -84,6 +93,18 @@ class CheckpointMixin:
             prune_checkpoints(output, self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _sharded_states(self) -> dict[str, tuple[list, dict]]:
+        """Under FSDP: the states kept beside the model on each process's shards (EMA, old policy), as (tensors,
+        scalars), which every process checkpoints itself; accelerate checkpoints them otherwise."""
+        if not self.sharded:
+            return {}
+        states = {}
+        if self.ema is not None:
+            states["ema"] = (self.ema.shadow_params, {"optimization_step": self.ema.optimization_step})
+        if self.old_policy is not None:
+            states["old_policy"] = (self.old_policy.weights, {})
+        return states
 
     def _deepspeed_checkpoint_kwargs(self, save: bool) -> dict:
         """A DeepSpeed checkpoint of a LoRA run leaves out the frozen base weights (the adapter is all that
@@ -115,6 +136,10 @@ class CheckpointMixin:
             return
         path = Path(chosen[0])
         self.accelerator.load_state(str(path), **self._deepspeed_checkpoint_kwargs(save=False))
+        for name, (tensors, _) in self._sharded_states().items():
+            scalars = load_shard(path, name, self.accelerator.process_index, tensors)
+            if name == "ema":
+                self.ema.optimization_step = scalars["optimization_step"]
         state = json.loads((path / TRAINER_STATE).read_text())
         self.iteration = state["iteration"]
         self.skipped_steps = state["skipped_steps"]

@@ -148,7 +148,7 @@ class OptimizeMixin:
         metrics["train/optimizer_steps"] = tally.optimizer_steps
         metrics["train/skipped_steps"] = self.skipped_steps
         metrics["train/learning_rate"] = tally.learning_rate
-        if self.accelerator.num_processes > 1 and self.deepspeed_zero_stage != 3:  # ZeRO-3 ranks hold shards
+        if self.accelerator.num_processes > 1 and self.deepspeed_zero_stage != 3 and not self.sharded:  # shards
             metrics["train/rank_weight_divergence"] = self._rank_weight_divergence()
         return metrics
 

@@ -1,4 +1,4 @@
-"""How a trainer is built: prompts and rewards, the accelerator (with DeepSpeed's glue, also on CPUs), the policy
+"""How a trainer is built: prompts and rewards, the accelerator (with DeepSpeed's and FSDP's glue, also on CPUs), the policy
 with its attention settings, the trainable weights, the optimizer with its learning-rate schedule, the EMA, and the
 run directory. :class:`SetupMixin` holds the steps that ``TempFlowGRPOTrainer.__init__`` runs in order.
 """
@@ -22,6 +22,7 @@ from .attention.pruning import TokenPruning
 from .policies import FlowPolicy, load_policy
 from .prompts import load_prompts, select_tasks, spread_subset
 from .run_directory import TRACKER_PROJECT, remove_previous_run
+from .sharding import block_classes, shard_like_policy
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,6 +55,23 @@ def record_deepspeed_ranks_on_cpu() -> None:
     state.process_index = torch.distributed.get_rank()
     state.local_process_index = int(os.environ["LOCAL_RANK"])
     state.distributed_type = DistributedType.DEEPSPEED
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let ``accelerate launch`` with an FSDP config run on a machine without GPUs (the tests do, over gloo).
+
+    accelerate (1.16) takes its FSDP plugin only for processes on an accelerator device: on CPUs each process runs
+    alone ("no backend"), or as DDP with ``ACCELERATE_USE_CPU``. This starts the processes' gloo group as a CPU run
+    and marks it multi-device, so that accelerate prepares the model with FSDP2 (torch's ``fully_shard`` runs on a
+    CPU mesh). It does nothing where a GPU is visible or the launch config asks for no FSDP."""
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or "LOCAL_RANK" not in os.environ
+            or torch.cuda.is_available()):
+        return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU  # AcceleratorState turns it into FSDP
 
 
 class SetupMixin:
@@ -191,12 +209,18 @@ class SetupMixin:
             num_training_steps=config.max_steps * config.optimizer_steps_per_iteration,
         )
         self.model, self.optimizer = self.accelerator.prepare(self.policy.transformer, optimizer)
+        if self.sharded:  # fully_shard replaced every weight by its shard: what trains, and the EMA, are those
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if self.policy._frozen_reference is not None:
+                shard_like_policy(self.policy._frozen_reference, self.fsdp_block_classes,
+                                  self.accelerator.state.fsdp_plugin)
         self.ema = None
         if config.use_ema:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self._ema_inputs(), decay=config.ema_decay)
-            self.accelerator.register_for_checkpointing(self.ema)
+            if not self.sharded:  # sharded: each process checkpoints its slice (trainer_checkpoints)
+                self.accelerator.register_for_checkpointing(self.ema)
         self._build_old_policy()
         if config.use_lora:
             self.accelerator.register_save_state_pre_hook(self._save_lora_hook)
@@ -234,6 +258,31 @@ class SetupMixin:
             raise ValueError("compile_transformer is not supported with DeepSpeed ZeRO-3, whose hooks gather sharded "
                              "weights around every module call; use ZeRO-2 or turn compilation off")
         self.policy.compile_transformer(config.compile_backend, config.compile_mode, config.compile_batch_buckets)
+
+    def _configure_fsdp(self) -> None:
+        """FSDP2: one shard unit per transformer block of the family (the launch config may name the classes), and
+        refuse what does not work on sharded weights."""
+        config, plugin = self.config, self.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
+        if config.compile_transformer:
+            raise ValueError("compile_transformer is not supported with FSDP yet: turn compilation off, or use DDP or "
+                             "DeepSpeed ZeRO-2")
+        if config.ema_offload:
+            raise ValueError("ema_offload is not supported with FSDP: the EMA already lives on each process's shard "
+                             "(1/N of the weights)")
+        if len(self.eval_prompts) % self.accelerator.num_processes:
+            raise ValueError(
+                f"FSDP needs the same number of evaluation prompts on every process (every forward gathers the "
+                f"sharded weights from all of them): num_eval_prompts ({len(self.eval_prompts)}) must be a multiple "
+                f"of the {self.accelerator.num_processes} processes")
+        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+        self.fsdp_block_classes = block_classes(self.policy.transformer, self.policy.family,
+                                                plugin.transformer_cls_names_to_wrap)
+        if plugin.auto_wrap_policy is not size_based_auto_wrap_policy:  # unset (NO_WRAP) or by block class
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy
+            plugin.transformer_cls_names_to_wrap = self.fsdp_block_classes
 
     @contextlib.contextmanager
     def _loading_whole_models(self):

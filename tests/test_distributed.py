@@ -1,6 +1,7 @@
-"""Two CPU processes under `accelerate launch`: DDP (torchrun + gloo) and DeepSpeed ZeRO-2. Ranks stay in sync,
-rewards are gathered, a DDP checkpoint resumes on one process, and ZeRO-2 trains to the same weights as DDP and
-resumes from its own checkpoint.
+"""Two CPU processes under `accelerate launch`: DDP (torchrun + gloo), DeepSpeed ZeRO-2 and FSDP2. Ranks stay in
+sync, rewards are gathered, a DDP checkpoint resumes on one process, and ZeRO-2 and FSDP2 train to the same weights
+as DDP and resume from their own checkpoints; under FSDP2 every weight set (policy, KL reference, EMA, old policy) is
+sharded.
 
 accelerate's `--cpu --num_processes 2` starts a single process unless an MPI host file is given; several CPU
 processes come from the torchrun launcher (`--multi_gpu`) with ACCELERATE_USE_CPU=1. DeepSpeed must run *without*
@@ -21,6 +22,8 @@ from tempflow.cli import main
 
 TINY_RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 ZERO2_CONFIG = str(Path(__file__).parents[1] / "recipes" / "accelerate" / "deepspeed_zero2.yaml")
+FSDP2_LAUNCH = ["--config_file", str(Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp2_1x8.yaml"),
+                "--num_processes", "2"]
 # 2 prompts x 3 branch steps x 3 children = 18 rows a process: micro-batches of 4, 4 | 4, 4 | 2, so the last
 # optimizer step of each iteration accumulates fewer micro-batches than the others
 UNEVEN_ACCUMULATION = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
@@ -32,6 +35,14 @@ def _launch(launcher_args: list[str], train_args: list[str], env: dict) -> None:
                "-m", "tempflow.cli", "train", TINY_RECIPE, *train_args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _fsdp_env() -> dict:
+    """FSDP2 on CPUs: no ACCELERATE_USE_CPU (with it accelerate runs DDP) and no GPU in sight (the trainer then
+    shards over gloo: trainer_setup.enable_fsdp_on_cpu)."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
 
 
 def _train_args(model_dir, out, *extra) -> list[str]:
@@ -114,22 +125,144 @@ def test_deepspeed_zero2_trains_like_ddp_and_resumes(tiny_sd3_dir, ddp_run, tmp_
         torch.testing.assert_close(lora[name], reference[name], atol=1e-5, rtol=0)
 
 
-def test_diffusion_nft_trains_on_two_processes_in_sync(tiny_sd3_dir, tmp_path):
-    """DiffusionNFT under DDP: rewards gathered, weights equal across ranks, the old policy updated after every
-    iteration (its decay from the optimizer steps taken: 1 and 2 of the official decay_type 1)."""
-    out = tmp_path / "nft"
+def _nft_args(model_dir, out, *extra) -> list[str]:
+    return ["--model_name_or_path", model_dir, "--output_dir", str(out), "--max_sequence_length", "16",
+            "--algorithm", "diffusion_nft", "--scale_rewards", "batch", "--gradient_accumulation_steps", "3",
+            "--eval_prompts", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def nft_ddp_run(tiny_sd3_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nft") / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-             "--dynamo_backend", "no"],
-            ["--model_name_or_path", tiny_sd3_dir, "--output_dir", str(out), "--max_sequence_length", "16",
-             "--algorithm", "diffusion_nft", "--scale_rewards", "batch", "--gradient_accumulation_steps", "3",
-             "--eval_prompts", "none", "--max_steps", "2"], env)
-    history = json.loads((out / "metrics.json").read_text())["history"]
+             "--dynamo_backend", "no"], _nft_args(tiny_sd3_dir, out, "--max_steps", "2"), env)
+    return {"history": json.loads((out / "metrics.json").read_text())["history"],
+            "lora": load_file(str(out / "pytorch_lora_weights.safetensors"))}
+
+
+def test_diffusion_nft_trains_on_two_processes_in_sync(nft_ddp_run):
+    """DiffusionNFT under DDP: rewards gathered, weights equal across ranks, the old policy updated after every
+    iteration (its decay from the optimizer steps taken: 1 and 2 of the official decay_type 1)."""
+    history = nft_ddp_run["history"]
     assert [step["nft/old_policy_decay"] for step in history] == pytest.approx([0.001, 0.002])
     for step in history:
         assert step["reward/count"] == 2 * 2 * 3  # processes x prompts x generations
         assert step["train/optimizer_steps"] == 1  # 18 rows a process: 3 micro-batches of 6, accumulated
         assert step["train/rank_weight_divergence"] == 0.0
+
+
+def _assert_same_lora(lora: dict, reference: dict) -> None:
+    assert lora.keys() == reference.keys()
+    assert any(value.abs().max() > 0 for name, value in lora.items() if "lora_B" in name)  # B starts at zero
+    for name in lora:
+        torch.testing.assert_close(lora[name], reference[name], atol=1e-6, rtol=0)
+
+
+def test_fsdp2_lora_trains_like_ddp_and_resumes_exactly(tiny_sd3_dir, ddp_run, tmp_path):
+    """FSDP2 (2 CPU processes, gloo), stopped after one iteration and resumed from its sharded checkpoint, ends with
+    the weights of two uninterrupted DDP iterations."""
+    out = tmp_path / "fsdp"
+    _launch(FSDP2_LAUNCH, _train_args(tiny_sd3_dir, out, "--eval_prompts", "none", "--max_steps", "1"), _fsdp_env())
+    checkpoint = out / "checkpoint-1"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: one file per process
+        assert sorted(p.name for p in (checkpoint / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
+    _launch(FSDP2_LAUNCH, _train_args(tiny_sd3_dir, out, "--eval_prompts", "none", "--max_steps", "2",
+                                      "--resume_from_checkpoint", "latest"), _fsdp_env())
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["iterations"] == 2
+    for step, reference in zip(summary["history"], ddp_run["summary"]["history"], strict=True):
+        assert step["reward/count"] == REWARDS_PER_ITERATION and step["train/optimizer_steps"] == 3
+        assert step["reward/mean"] == pytest.approx(reference["reward/mean"], abs=1e-6)
+        assert step["train/grad_norm"] == pytest.approx(reference["train/grad_norm"], rel=1e-4)
+    _assert_same_lora(load_file(str(out / "pytorch_lora_weights.safetensors")), ddp_run["lora"])
+
+
+def test_fsdp2_diffusion_nft_resumes_its_sharded_old_policy(tiny_sd3_dir, nft_ddp_run, tmp_path):
+    """DiffusionNFT's old policy lives on the shards (swapped in by value) and is checkpointed per process: FSDP2
+    stopped after one iteration and resumed ends where two DDP iterations do."""
+    out = tmp_path / "nft-fsdp"
+    _launch(FSDP2_LAUNCH, _nft_args(tiny_sd3_dir, out, "--max_steps", "1"), _fsdp_env())
+    shards = out / "checkpoint-1" / "sharded_state" / "old_policy"
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-0.safetensors", "shard-1.safetensors"]
+    _launch(FSDP2_LAUNCH, _nft_args(tiny_sd3_dir, out, "--max_steps", "2", "--resume_from_checkpoint", "latest"),
+            _fsdp_env())
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    for step, reference in zip(history, nft_ddp_run["history"], strict=True):
+        assert step["reward/mean"] == pytest.approx(reference["reward/mean"], abs=1e-6)
+        assert step["nft/old_policy_decay"] == pytest.approx(reference["nft/old_policy_decay"])
+    _assert_same_lora(load_file(str(out / "pytorch_lora_weights.safetensors")), nft_ddp_run["lora"])
+
+
+def test_fsdp2_full_fine_tuning_with_kl_and_ema_exports_the_weights_of_ddp(tiny_sd3_dir, tmp_path):
+    """Full fine-tuning under FSDP2, with the sharded frozen KL reference and the sharded EMA (updated every step),
+    exports (gathered, in the diffusers format) the transformer DDP exports."""
+    from diffusers import SD3Transformer2DModel
+
+    extra = ["--use_lora", "false", "--beta", "0.01", "--use_ema", "true", "--ema_update_interval", "1",
+             "--learning_rate", "1e-4", "--eval_prompts", "none", "--max_steps", "1"]
+    _launch(FSDP2_LAUNCH, _train_args(tiny_sd3_dir, tmp_path / "fsdp", *extra), _fsdp_env())
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-1" / "sharded_state" / "ema").iterdir()) == [
+        "shard-0.safetensors", "shard-1.safetensors"]
+    _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no"], _train_args(tiny_sd3_dir, tmp_path / "ddp", *extra),
+            {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    kl = [json.loads((tmp_path / run / "metrics.json").read_text())["history"][0]["train/kl"] for run in ("fsdp", "ddp")]
+    assert kl[0] > 0 and kl[0] == pytest.approx(kl[1], rel=1e-4)
+    sharded, reference = (SD3Transformer2DModel.from_pretrained(tmp_path / run / "transformer").state_dict()
+                          for run in ("fsdp", "ddp"))
+    initial = SD3Transformer2DModel.from_pretrained(Path(tiny_sd3_dir) / "transformer").state_dict()
+    assert sharded.keys() == reference.keys()
+    assert max(float((sharded[k] - initial[k]).abs().max()) for k in sharded) > 1e-5  # it trained
+    for name in sharded:
+        torch.testing.assert_close(sharded[name], reference[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["full_fine_tuning", "diffusion_nft"])
+def test_fsdp2_shards_every_weight_set(tiny_sd3_dir, tmp_path, case):
+    """No process holds a whole copy of what trains or of what is kept beside it: the policy, the KL reference of
+    full fine-tuning, the EMA and DiffusionNFT's old policy are all shards, about half the weights each."""
+    extra = (["--use_lora", "false", "--beta", "0.01", "--use_ema", "true"] if case == "full_fine_tuning"
+             else ["--algorithm", "diffusion_nft"])
+    command = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH,
+               str(Path(__file__).parent / "distributed_fsdp.py"), TINY_RECIPE, str(tmp_path),
+               "--model_name_or_path", tiny_sd3_dir, "--max_sequence_length", "16", "--output_dir",
+               str(tmp_path / "run"), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=_fsdp_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = {"full_fine_tuning": {"trainable", "model", "ema", "reference"},
+                "diffusion_nft": {"trainable", "model", "old_policy"}}[case]
+    assert set(ranks[0]) == expected
+    for name in expected:
+        assert all(rank[name]["sharded"] for rank in ranks), name
+        whole = ranks[0][name]["whole"]
+        assert sum(rank[name]["local"] for rank in ranks) == whole  # the two slices make one copy
+        assert all(rank[name]["local"] < 0.6 * whole for rank in ranks), name
+
+
+@pytest.mark.parametrize("bad", ["block class", "evaluation prompts"])
+def test_fsdp2_bad_settings_stop_with_one_line_naming_them(tiny_sd3_dir, tmp_path, bad):
+    import yaml
+
+    config = yaml.safe_load(Path(FSDP2_LAUNCH[1]).read_text())
+    extra = ["--num_eval_prompts", "3"] if bad == "evaluation prompts" else []
+    if bad == "block class":
+        config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "FluxTransformerBlock"
+    launch_config = tmp_path / "fsdp.yaml"
+    launch_config.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
+               "--num_processes", "2", "-m", "tempflow.cli", "train", TINY_RECIPE, "--model_name_or_path", tiny_sd3_dir,
+               "--output_dir", str(tmp_path / "run"), "--max_sequence_length", "16", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=_fsdp_env(), timeout=600)
+    assert result.returncode != 0
+    expected = {"block class": "tempflow: error: FSDP: model family sd3 has no block class FluxTransformerBlock; "
+                               "its transformer's block classes are: JointTransformerBlock",
+                "evaluation prompts": "tempflow: error: FSDP needs the same number of evaluation prompts on every "
+                                      "process"}[bad]
+    assert expected in result.stderr
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
 def test_batch_reward_std_pools_the_rewards_of_every_process(tmp_path):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..sharding import whole
+
 GATES_FILE = "block_sparse_gates.safetensors"
 
 
@@ -432,27 +434,32 @@ class FlowPolicy:
         return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
 
     def lora_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's weights, whole (under FSDP a collective: every process must call it)."""
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(model or self.transformer)
+        return {name: whole(w) for name, w in get_peft_model_state_dict(model or self.transformer).items()}
 
-    def save_lora(self, directory: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+    def save_lora(self, directory: str | os.PathLike, model: torch.nn.Module | None = None, write: bool = True) -> None:
         """Write the adapter of ``model`` (default: the policy's transformer) as ``pytorch_lora_weights.safetensors``
         in the diffusers format, loadable with ``pipeline.load_lora_weights(directory)``; block-sparse gates, when
         on, go beside it. The adapter's config travels in the file's metadata: without it diffusers assumes
-        ``lora_alpha = r`` and would load an adapter trained with another alpha at the wrong strength."""
+        ``lora_alpha = r`` and would load an adapter trained with another alpha at the wrong strength. A sharded
+        (FSDP) model's weights are gathered, so every process calls this; only those with ``write`` write."""
         model = model or self.transformer
+        lora = self.lora_state_dict(model)
+        gates = {name: whole(g).detach().float().cpu() for name, g in self.block_sparse_gates(model).items()}
+        if not write:
+            return
         self.pipeline_class.save_lora_weights(
             str(directory),
-            transformer_lora_layers=self.lora_state_dict(model),
+            transformer_lora_layers=lora,
             transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
             safe_serialization=True,
         )
-        gates = self.block_sparse_gates(model)
         if gates:
             from safetensors.torch import save_file
 
-            save_file({name: g.detach().float().cpu() for name, g in gates.items()}, Path(directory) / GATES_FILE)
+            save_file(gates, Path(directory) / GATES_FILE)
 
     def load_lora(self, directory: str | os.PathLike) -> None:
         """Load an exported adapter (and its block-sparse gates) the way a diffusers user would."""
