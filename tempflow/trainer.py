@@ -127,6 +127,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
             "reward/skipped": int(len(gathered) - len(valid)),
             "advantage/abs_mean": float(rollout.transitions.advantages.abs().mean()),
             "rollout/model_evals": rollout.num_model_evals,
+            "rollout/distinct_prompts": self._distinct_prompts(),
             "rollout/seconds": rollout_time,
             "iteration/seconds": time.perf_counter() - start,
             "images_per_second": len(rollout.final_latents) / rollout_time,

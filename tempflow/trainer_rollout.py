@@ -39,10 +39,22 @@ class RolloutMixin:
         return np.random.default_rng([self.config.seed, self.iteration, *key])
 
     def _sample_prompts(self) -> list[dict]:
-        rng = self._iteration_rng(1, self.accelerator.process_index)
-        count = self.config.prompts_per_iteration
-        index = rng.choice(len(self.train_prompts), size=count, replace=count > len(self.train_prompts))
-        return [self.train_prompts[i] for i in index]
+        """This process's ``prompts_per_iteration`` prompts: one draw for every process (the same on each, from the
+        seed and iteration) split in rank order, so no two processes train on the same prompt while the prompt set
+        has enough; a set smaller than the draw is cycled through in shuffled rounds. Sets :attr:`prompt_index`."""
+        count, world, rank = self.config.prompts_per_iteration, self.accelerator.num_processes, self.accelerator.process_index
+        rng, size, total = self._iteration_rng(1, 0), len(self.train_prompts), count * world
+        if total <= size:
+            drawn = rng.choice(size, size=total, replace=False)
+        else:
+            drawn = np.concatenate([rng.permutation(size) for _ in range(-(-total // size))])[:total]
+        self.prompt_index = drawn[rank * count : (rank + 1) * count]
+        return [self.train_prompts[i] for i in self.prompt_index]
+
+    def _distinct_prompts(self) -> int:
+        """How many distinct prompts all processes drew this iteration."""
+        index = torch.as_tensor(self.prompt_index, device=self.accelerator.device)
+        return len(torch.unique(self.accelerator.gather(index).cpu()))
 
     def _trajectory_seed(self, *key: int) -> int:
         return int(np.random.SeedSequence([self.config.seed, self.iteration, self.accelerator.process_index, *key])

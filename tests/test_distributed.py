@@ -265,6 +265,51 @@ def test_fsdp2_bad_settings_stop_with_one_line_naming_them(tiny_sd3_dir, tmp_pat
     assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
+TWO_MACHINES = str(Path(__file__).parents[1] / "recipes" / "accelerate" / "two_machines_one_host.sh")
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def test_two_machines_on_one_host_train_as_one_job(tiny_sd3_dir, tmp_path):
+    """`--num_machines 2 --machine_rank 0/1` with a static rendezvous at 127.0.0.1: one job of two processes whose
+    weights stay equal, whose prompts do not overlap, and whose logs and exports come from the main process alone
+    (each process writes only its own part of a checkpoint)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PORT": _free_port(), "TIMEOUT": "120"}
+    result = subprocess.run(["bash", TWO_MACHINES, TINY_RECIPE, "--model_name_or_path", tiny_sd3_dir,
+                             "--output_dir", str(out), "--max_sequence_length", "16", "--num_eval_prompts", "2",
+                             "--max_steps", "2"], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 2 iterations") == 1  # the main process reports; the other is silent
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    for step in history:
+        assert step["train/rank_weight_divergence"] == 0.0
+        assert step["reward/count"] == REWARDS_PER_ITERATION
+        assert step["rollout/distinct_prompts"] == 2 * 2  # processes x prompts: no prompt on both machines
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 + 2  # two iterations, two evaluations
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        files = sorted(p.name for p in (out / checkpoint).iterdir())
+        assert [f for f in files if f.startswith("random_states")] == ["random_states_0.pkl", "random_states_1.pkl"]
+        assert files.count("manifest.json") == 1 and files.count("trainer_state.json") == 1
+    assert not list(out.glob(".tmp-*"))  # no half-written checkpoint left
+
+
+def test_a_machine_that_never_joins_stops_the_other_within_the_timeout(tiny_sd3_dir, tmp_path):
+    env = {**os.environ, "PORT": _free_port(), "TIMEOUT": "5", "MACHINES": "0"}
+    result = subprocess.run(["bash", TWO_MACHINES, TINY_RECIPE, "--model_name_or_path", tiny_sd3_dir,
+                             "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "1/2 clients joined" in result.stderr  # torch's DistStoreError: "Timed out after ... seconds waiting"
+    assert not (tmp_path / "run").exists()
+
+
 def test_batch_reward_std_pools_the_rewards_of_every_process(tmp_path):
     """`scale_rewards: batch` (Flow-GRPO's global_std) divides by the std of all processes' rewards, not each its own."""
     from distributed_advantages import GROUPS, REWARDS
