@@ -6,8 +6,9 @@
     tempflow pretrain-shapes                           rebuild the ShapesWorld pipeline
     tempflow serve-reward NAME [--port P] [--token T]  run a reward behind HTTP (the `remote` reward calls it)
     tempflow check-recipe RECIPE.yaml                  compare a recipe with the official run it reproduces
+    tempflow plan RECIPE.yaml --gpus N --gpu-memory G  memory per GPU under DDP / ZeRO-2 / ZeRO-3 / FSDP2
 
-Exit codes: 0 done; 1 check-recipe found an unstated difference; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
+Exit codes: 0 done; 1 check-recipe found an unstated difference, or plan found no layout that fits; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
 non-finite steps); 128+N stopped by signal N after writing a checkpoint (resume with
 ``--resume_from_checkpoint latest``).
 """
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve-reward", help="serve a registered reward over HTTP (see --help)", add_help=False)
     commands.add_parser("check-recipe", help="compare a recipe with the official run it reproduces (see --help)",
                         add_help=False)
+    commands.add_parser("plan", help="memory per GPU of a recipe under each layout (see --help)", add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -249,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         from .recipe_check import main as check_recipe
 
         return check_recipe(argv[1:])
+    if argv[:1] == ["plan"]:
+        from .memory_plan import main as plan_memory
+
+        return plan_memory(argv[1:])
     if argv[:1] == ["train"] and {"-h", "--help"} & set(argv):
         train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
         train_parser.print_help()

@@ -44,6 +44,17 @@ QWEN_IMAGE = dict(
 )
 """Qwen/Qwen-Image's transformer (20.43 B parameters): ``QwenImageTransformer2DModel``'s defaults in diffusers 0.42."""
 
+SD3_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+"""SD3.5's ``AutoencoderKL`` (``vae/config.json``): 16 latent channels, no quant convs (83.7 M parameters)."""
+
+FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+"""FLUX.1's: SD3's architecture with its own latent scaling."""
+
 SD35_SCHEDULER = dict(shift=3.0)
 """SD3.5's ``FlowMatchEulerDiscreteScheduler``: a fixed shift of 3."""
 
@@ -72,14 +83,23 @@ class ModelConfigs:
     transformer: dict
     scheduler: dict = field(default_factory=dict)
     source: str = "the hub model's published configs (tempflow.model_configs)"
+    vae_class: str = ""
+    vae: dict = field(default_factory=dict)
+    """The VAE's diffusers class and config (Wan's and Qwen-Image's are their classes' defaults)."""
 
 
+_HUB = "the hub model's published configs (tempflow.model_configs)"
 HUB_MODELS: dict[str, ModelConfigs] = {
-    "stabilityai/stable-diffusion-3.5-medium": ModelConfigs("sd3", "SD3Transformer2DModel", SD35_MEDIUM, SD35_SCHEDULER),
-    "black-forest-labs/FLUX.1-dev": ModelConfigs("flux", "FluxTransformer2DModel", FLUX_DEV, FLUX_SCHEDULER),
-    "Qwen/Qwen-Image": ModelConfigs("qwen_image", "QwenImageTransformer2DModel", QWEN_IMAGE, QWEN_IMAGE_SCHEDULER),
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_1_3B, WAN_SCHEDULER),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_14B, WAN_SCHEDULER),
+    "stabilityai/stable-diffusion-3.5-medium": ModelConfigs("sd3", "SD3Transformer2DModel", SD35_MEDIUM, SD35_SCHEDULER,
+                                                            _HUB, "AutoencoderKL", SD3_VAE),
+    "black-forest-labs/FLUX.1-dev": ModelConfigs("flux", "FluxTransformer2DModel", FLUX_DEV, FLUX_SCHEDULER, _HUB,
+                                                 "AutoencoderKL", FLUX_VAE),
+    "Qwen/Qwen-Image": ModelConfigs("qwen_image", "QwenImageTransformer2DModel", QWEN_IMAGE, QWEN_IMAGE_SCHEDULER, _HUB,
+                                    "AutoencoderKLQwenImage"),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_1_3B, WAN_SCHEDULER, _HUB,
+                                                     "AutoencoderKLWan"),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_14B, WAN_SCHEDULER, _HUB,
+                                                    "AutoencoderKLWan"),
 }
 """The hub models the recipes name, by hub id."""
 

@@ -306,7 +306,7 @@ class FlowPolicy:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+        return self.pipeline.vae_scale_factor  # the pipeline's: from its VAE's blocks, its default without a VAE
 
     @property
     def image_seq_len(self) -> int:
