@@ -196,12 +196,13 @@ def test_fsdp2_diffusion_nft_resumes_its_sharded_old_policy(tiny_sd3_dir, nft_dd
 
 
 def test_fsdp2_full_fine_tuning_with_kl_and_ema_exports_the_weights_of_ddp(tiny_sd3_dir, tmp_path):
-    """Full fine-tuning under FSDP2, with the sharded frozen KL reference and the sharded EMA (updated every step),
-    exports (gathered, in the diffusers format) the transformer DDP exports."""
+    """Full fine-tuning under FSDP2, with the sharded frozen KL reference, the sharded EMA (updated every step) and
+    gradient checkpointing inside the shard units, exports (gathered, in the diffusers format) the transformer DDP
+    exports."""
     from diffusers import SD3Transformer2DModel
 
     extra = ["--use_lora", "false", "--beta", "0.01", "--use_ema", "true", "--ema_update_interval", "1",
-             "--learning_rate", "1e-4", "--eval_prompts", "none", "--max_steps", "1"]
+             "--gradient_checkpointing", "true", "--learning_rate", "1e-4", "--eval_prompts", "none", "--max_steps", "1"]
     _launch(FSDP2_LAUNCH, _train_args(tiny_sd3_dir, tmp_path / "fsdp", *extra), _fsdp_env())
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-1" / "sharded_state" / "ema").iterdir()) == [
         "shard-0.safetensors", "shard-1.safetensors"]
