@@ -1,7 +1,8 @@
 """A reward scored by another process, registered as ``remote``: it posts batches to a reward server
 (:mod:`tempflow.rewards.server`) and returns its scores, so a heavy or conflicting reward model can live in
 its own environment or on its own GPU. Wire format (one place, used by both sides): ``POST /score`` with JSON
-``{"images": [base64 PNG, ...], "prompts": [...], "metadata": {key: [one value per image]}}``, answered with
+``{"images": [base64 PNG, ...], "prompts": [...], "metadata": {key: [one value per image]}}`` (for edits also
+``"source_images": [base64 PNG, ...]``, one per image and of its size, handed to the reward as ``source_images``), answered with
 ``{"scores": [float or null, ...]}`` or ``{"error": message}``. PNG is lossless, so the remote reward sees
 the images quantised to 8 bits and nothing else changes; nothing is ever pickled."""
 
@@ -116,8 +117,10 @@ def _jsonable(value):
     raise TypeError(f"metadata of type {type(value).__name__} cannot be sent to a reward server")
 
 
-def encode_request(arrays: np.ndarray, prompts: list[str], metadata: dict) -> bytes:
+def encode_request(arrays: np.ndarray, prompts: list[str], metadata: dict, sources: np.ndarray | None = None) -> bytes:
     body = {"images": [encode_png(a) for a in arrays], "prompts": list(prompts), "metadata": metadata}
+    if sources is not None:  # edits: the source image of each output, same size
+        body["source_images"] = [encode_png(a) for a in sources]
     return json.dumps(body, default=_jsonable).encode()
 
 
@@ -155,13 +158,16 @@ class RemoteReward:
         self.timeout, self.retries = timeout, retries
         self.batch_size, self.retry_wait = batch_size, retry_wait
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], **metadata) -> list[float | None]:
+    def __call__(self, images: torch.Tensor, prompts: list[str], source_images: torch.Tensor | None = None,
+                 **metadata) -> list[float | None]:
         arrays, prompts = to_uint8(images), list(prompts)
+        sources = None if source_images is None else to_uint8(source_images)
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             stop = start + self.batch_size
             batch_metadata = {key: list(values[start:stop]) for key, values in metadata.items()}
-            body = encode_request(arrays[start:stop], prompts[start:stop], batch_metadata)
+            body = encode_request(arrays[start:stop], prompts[start:stop], batch_metadata,
+                                  None if sources is None else sources[start:stop])
             batch_scores = self._post(body)
             if len(batch_scores) != len(prompts[start:stop]):
                 raise RemoteRewardError(

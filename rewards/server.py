@@ -85,9 +85,9 @@ class RewardFailed(Exception):
     """The reward raised or returned garbage: the only request failure answered with 500."""
 
 
-def parse_score_request(body: bytes) -> tuple[list[str], list[str], dict]:
-    """JSON body → ``(base64 PNG texts, prompts, metadata)`` with types and lengths checked, nothing decoded;
-    or :class:`RequestError` (400)."""
+def parse_score_request(body: bytes) -> tuple[list[str], list[str], dict, list[str] | None]:
+    """JSON body → ``(base64 PNG texts, prompts, metadata, source image texts or None)`` with types and lengths
+    checked, nothing decoded; or :class:`RequestError` (400)."""
     try:
         request = json.loads(body)
     except RecursionError:
@@ -110,7 +110,13 @@ def parse_score_request(body: bytes) -> tuple[list[str], list[str], dict]:
         raise RequestError(400, "`metadata` must map each key to a list with one value per image")
     if _nested_deeper(metadata, MAX_JSON_DEPTH - 1):  # metadata is one level into the body
         raise RequestError(400, f"malformed JSON: nested over {MAX_JSON_DEPTH} levels deep")
-    return images, prompts, metadata
+    sources = request.get("source_images")
+    if sources is not None and (not isinstance(sources, list) or len(sources) != len(images)
+                                or not all(isinstance(s, str) for s in sources)):
+        raise RequestError(400, "`source_images` must be a list of base64 PNG strings, one per image")
+    if "source_images" in metadata:
+        raise RequestError(400, "`source_images` goes beside `metadata`, as base64 PNGs")
+    return images, prompts, metadata, sources
 
 
 def _nested_deeper(value, limit: int) -> bool:
@@ -228,17 +234,21 @@ class RewardServer(ThreadingHTTPServer):
     def score(self, body: bytes) -> list:
         """Request body → scores: :class:`RequestError` for the request's faults, :class:`RewardFailed` for
         the reward's. Only decoding and scoring wait for the scoring thread, so a bad request never does."""
-        texts, prompts, metadata = parse_score_request(body)
+        texts, prompts, metadata, sources = parse_score_request(body)
         del body  # while waiting for the scoring thread, hold only the PNG bytes
-        self._check_metadata(metadata)
-        pngs, size = check_png_headers(texts, self.max_image_pixels, self.max_request_pixels)
-        del texts
+        self._check_metadata({**metadata, **({} if sources is None else {"source_images": None})})
+        # source images count against the limits like the outputs, and must have their size
+        pngs, size = check_png_headers(texts + (sources or []), self.max_image_pixels, self.max_request_pixels)
+        del texts, sources
         future = Future()
         self._jobs.put((future, lambda: self._decode_and_score(pngs, size, prompts, metadata)))
         return future.result()
 
     def _decode_and_score(self, pngs: list[bytes], size: tuple[int, int], prompts: list[str], metadata: dict):
-        images = decode_pngs(pngs, size)
+        decoded = decode_pngs(pngs, size)
+        images = decoded[: len(prompts)]
+        if len(decoded) > len(prompts):
+            metadata = {**metadata, "source_images": decoded[len(prompts):]}
         try:
             result = self.reward(images, prompts, **metadata)
         except Exception as err:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .editing import source_images
 from .policies import FlowPolicy
 from .prompts import metadata_columns
 from .rollout import RolloutEngine
@@ -49,7 +50,7 @@ def sample_images(
 ) -> torch.Tensor:
     """ODE samples ``[B, 3, H, W]`` in [0, 1], one per prompt record and seed, made a rollout batch at a time
     (noise is seeded per sample, so the chunking changes no image)."""
-    embeds = policy.encode_prompts([r["prompt"] for r in records])
+    embeds = policy.encode_records(records)
     images = []
     for start, stop in _chunks(len(records), engine.batch_size, "sampling", progress):
         latents = engine.sample(embeds, list(range(start, stop)), seeds[start:stop], num_steps)
@@ -123,7 +124,11 @@ def score_images(
     totals, components = [], {}
     for start, stop in _chunks(len(records), SCORING_CHUNK_SIZE, "scoring", progress):
         chunk = records[start:stop]
-        total, parts = reward(images[start:stop], [r["prompt"] for r in chunk], **metadata_columns(chunk))
+        metadata = metadata_columns(chunk)
+        sources = source_images(chunk, *images.shape[-2:])
+        if sources is not None:  # edits: the rewards see what was edited beside the result
+            metadata["source_images"] = sources
+        total, parts = reward(images[start:stop], [r["prompt"] for r in chunk], **metadata)
         totals.append(total)
         for name, values in parts.items():
             components.setdefault(name, []).append(values)

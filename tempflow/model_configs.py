@@ -103,8 +103,8 @@ HUB_MODELS: dict[str, ModelConfigs] = {
 }
 """The hub models the recipes name, by hub id."""
 
-_FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePipeline": "qwen_image",
-                       "WanPipeline": "wan"}
+_FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux_kontext",
+                       "QwenImagePipeline": "qwen_image", "WanPipeline": "wan"}
 
 
 def pipeline_configs(model_name_or_path: str) -> ModelConfigs:

@@ -1,4 +1,5 @@
-"""Prompt sets: plain text (one prompt a line) or JSONL (a `prompt` key plus metadata passed to rewards)."""
+"""Prompt sets: plain text (one prompt a line) or JSONL (a `prompt` key plus metadata passed to rewards, or an edit:
+a source `image` and an `instruction`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .editing import is_edit_record, resolve_edit_record
 from .registry import prompt_set_loader
 
 
 def load_prompts(source: str) -> list[dict]:
     """Records ``{"prompt": str, **metadata}`` from a .txt/.jsonl file or a registered prompt set (``prefix:name``,
-    e.g. ShapesWorld's ``shapes:train``). Raises ``ValueError`` naming the file (and line) for empty or malformed
-    input."""
+    e.g. ShapesWorld's ``shapes:train``). JSONL edit records (``image`` relative to the file, ``instruction``) get
+    the instruction as their prompt and an absolute, checked image path (:mod:`tempflow.editing`). Raises
+    ``ValueError`` naming the file (and line) for empty or malformed input, or an image that cannot be read."""
     path = Path(source)
     registered = None if path.is_file() else prompt_set_loader(source)
     if registered is not None:
@@ -32,8 +35,11 @@ def load_prompts(source: str) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"prompt file {source!r}, line {n}: not valid JSON ({err.msg})") from None
+        if isinstance(record, dict) and is_edit_record(record):  # an edit: instruction + source image
+            record = resolve_edit_record(record, path.parent, f"prompt file {source!r}, line {n}")
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"prompt file {source!r}, line {n}: expected an object with a string `prompt`")
+            raise ValueError(f"prompt file {source!r}, line {n}: expected an object with a string `prompt` (or an "
+                             "edit: `image` and `instruction`)")
         records.append(record)
     return records
 

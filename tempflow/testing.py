@@ -20,6 +20,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -194,6 +195,15 @@ def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         text_encoder_2=_t5_encoder(seed, tokenizer_2, d_model=32),
         tokenizer_2=tokenizer_2,
     )
+
+
+def build_tiny_flux_kontext_pipeline(seed: int = 0) -> FluxKontextPipeline:
+    """FLUX.1 Kontext-like: :func:`build_tiny_flux_pipeline`'s parts in ``FluxKontextPipeline`` (the same transformer
+    class; the source image's tokens are appended to the noisy ones). Call it with ``height``/``width`` and
+    ``_auto_resize=False``, or it resizes the source to Kontext's preferred 1024-pixel-area sizes."""
+    flux = build_tiny_flux_pipeline(seed)
+    return FluxKontextPipeline(**{name: getattr(flux, name) for name in (
+        "transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
 
 
 def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -65,7 +65,7 @@ class RolloutMixin:
         with the reference policy's step means when the loss has a KL term) or DiffusionNFT's ODE samples. ``on_finished`` receives samples as they
         finish (see :class:`~tempflow.rollout.RolloutEngine`)."""
         config = self.config
-        embeds = self.policy.encode_prompts([r["prompt"] for r in prompts])
+        embeds = self.policy.encode_records(prompts)
         if config.algorithm == "diffusion_nft":
             return self._nft_rollout(embeds, len(prompts), on_finished)
         if config.branched:

@@ -6,6 +6,7 @@ import torch
 
 from tempflow.policies import load_policy
 from tempflow.testing import (
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -24,6 +25,11 @@ def tiny_sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     return save_tiny_pipeline(build_tiny_flux_pipeline(seed=0), tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_kontext_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_flux_kontext_pipeline(seed=0), tmp_path_factory.mktemp("tiny-flux-kontext"))
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,26 @@ def test_remote_scores_equal_local_scores():
         assert get_reward("remote", url=server.url, batch_size=4)(images, prompts, spec=specs) == local
 
 
+def test_edit_rewards_get_the_source_images_through_the_server():
+    """An edit's source images travel as PNGs beside the outputs, count against the same limits, and reach the
+    reward as ``source_images``; a reward that does not take them gets 400, not 500."""
+    outputs, sources = quantized_images(3, seed=1), quantized_images(3, seed=2)
+
+    def change(images, prompts, source_images):
+        return (images - source_images).abs().mean(dim=(1, 2, 3)).tolist()
+
+    with serving(change) as server:
+        remote = get_reward("remote", url=server.url, batch_size=2)
+        scores = remote(outputs, ["a", "b", "c"], source_images=sources)
+    assert scores == pytest.approx(change(outputs, None, sources), abs=1e-6)
+    with serving(lambda images, prompts: [0.0] * len(prompts)) as server:
+        with pytest.raises(RemoteRewardError, match="HTTP 400: `metadata` does not fit reward"):
+            get_reward("remote", url=server.url, retries=0)(outputs, ["a", "b", "c"], source_images=sources)
+    with serving(change, max_request_pixels=4 * 24 * 20) as server:  # 3 outputs + 3 sources: over the limit
+        with pytest.raises(RemoteRewardError, match="HTTP 413"):
+            get_reward("remote", url=server.url, retries=0)(outputs, ["a", "b", "c"], source_images=sources)
+
+
 def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving():
     images = quantized_images(2)
     good = score_body(images, ["a", "b"])

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from .base import FlowPolicy, PromptEmbeds
 from .flux import FluxPolicy
+from .flux_kontext import FluxKontextPolicy
 from .qwen_image import QwenImagePolicy
 from .sd3 import SD3Policy
 from .wan import WanPolicy
 
 POLICY_CLASSES: dict[str, type[FlowPolicy]] = {
-    "sd3": SD3Policy, "flux": FluxPolicy, "qwen_image": QwenImagePolicy, "wan": WanPolicy,
+    "sd3": SD3Policy, "flux": FluxPolicy, "flux_kontext": FluxKontextPolicy, "qwen_image": QwenImagePolicy,
+    "wan": WanPolicy,
 }
 _PIPELINE_FAMILIES = {policy.pipeline_class.__name__: family for family, policy in POLICY_CLASSES.items()}
-_HUB_NAME_FAMILIES = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("qwen-image", "qwen_image"),
+_HUB_NAME_FAMILIES = (("kontext", "flux_kontext"), ("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("qwen-image", "qwen_image"),
                       ("wan2.1", "wan"), ("wan-ai", "wan"))
 """Hub ids say their family in their name (first match wins): ``Qwen/Qwen-Image``, ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``."""
 

@@ -98,6 +98,8 @@ class FlowPolicy:
     video: bool = False
     """Whether samples are videos (``num_frames``; decoded to ``[B, F, 3, H, W]``)."""
     default_decode_batch_size: int = 8
+    edits: bool = False
+    """Whether the family edits a source image: each prompt comes with one (an edit record's ``image``)."""
 
     def __init__(
         self,
@@ -253,16 +255,32 @@ class FlowPolicy:
         return self
 
     # --- prompts ---------------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+    def encode_prompts(self, prompts: list[str], images: list[str] | None = None) -> PromptEmbeds:
         """Embeddings of ``prompts`` on the policy's device; each distinct prompt is encoded once and cached
-        on the CPU, so the text encoders can leave the accelerator once a prompt set is encoded."""
-        missing = sorted({p for p in prompts if p not in self._embed_cache})
+        on the CPU, so the text encoders can leave the accelerator once a prompt set is encoded. Edit families
+        take each prompt's source image (a path) too, and encode each distinct (prompt, image) pair once."""
+        if self.edits:
+            if images is None or len(images) != len(prompts) or not all(images):
+                raise ValueError(f"{self.family} edits images: every prompt needs its source image (an edit record's "
+                                 "`image`; see README, Image editing)")
+            keys = list(zip(prompts, images))
+        else:
+            keys = list(prompts)
+        missing = sorted(set(keys) - self._embed_cache.keys(), key=str)
         if missing:
             with torch.no_grad(), self._truncation_by_design():
-                encoded = self._encode(missing)
-            for i, prompt in enumerate(missing):
-                self._embed_cache[prompt] = encoded[i : i + 1].trimmed().to("cpu")
-        return PromptEmbeds.cat([self._embed_cache[p] for p in prompts]).to(self.device)
+                encoded = self._encode_edits(*zip(*missing)) if self.edits else self._encode(missing)
+            for i, key in enumerate(missing):
+                self._embed_cache[key] = encoded[i : i + 1].trimmed().to("cpu")
+        return PromptEmbeds.cat([self._embed_cache[k] for k in keys]).to(self.device)
+
+    def encode_records(self, records: list[dict]) -> PromptEmbeds:
+        """:meth:`encode_prompts` of prompt records (with their source images for an edit family)."""
+        images = [r.get("image") for r in records] if self.edits else None
+        return self.encode_prompts([r["prompt"] for r in records], images)
+
+    def _encode_edits(self, prompts: tuple[str, ...], images: tuple[str, ...]) -> PromptEmbeds:
+        raise NotImplementedError
 
     def _negative_embeds(self) -> PromptEmbeds:
         """The negative prompt's embeddings (CFG's unconditional branch), kept on the device after first use."""

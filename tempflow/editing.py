@@ -1,0 +1,65 @@
+"""Image editing prompts: records that pair an instruction with a source image (``{"image": "path", "instruction":
+"..."}`` in a JSONL file, the path relative to the file), checked when the file is read, and the source images as the
+tensors the edit families encode and the rewards receive (``source_images``: ``[B, 3, H, W]`` in ``[0, 1]``, at the
+size of the images scored)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EDIT_KEYS = ("image", "instruction")
+
+
+def is_edit_record(record: dict) -> bool:
+    return "image" in record and "instruction" in record
+
+
+def resolve_edit_record(record: dict, base: Path, where: str) -> dict:
+    """An edit record as tempflow keeps it: ``prompt`` is the instruction and ``image`` an absolute path to a
+    readable image. Raises ``ValueError`` naming ``where`` (file and line) otherwise."""
+    image, instruction = record.get("image"), record.get("instruction")
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}: `image` must be a path (relative to the prompt file)")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"{where}: `instruction` must be a non-empty string")
+    path = (base / image).resolve()
+    try:
+        _check_readable(str(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: image {image!r} is missing or unreadable ({_reason(err)})") from None
+    return {**record, "prompt": instruction, "image": str(path)}
+
+
+def _check_readable(path: str) -> None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+
+
+def _reason(err: Exception) -> str:
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+
+
+@functools.lru_cache(maxsize=256)
+def load_source_image(path: str, height: int, width: int) -> torch.Tensor:
+    """``[3, height, width]`` float32 in ``[0, 1]``: the image at ``path`` in RGB, resized (bicubic) to the size."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        resized = image.convert("RGB").resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def source_images(records: list[dict], height: int, width: int) -> torch.Tensor | None:
+    """The records' source images ``[B, 3, height, width]``, or ``None`` when no record is an edit."""
+    if not any("image" in r for r in records):
+        return None
+    missing = [i for i, r in enumerate(records) if "image" not in r]
+    if missing:
+        raise ValueError(f"edit and text-only prompts mixed in one batch (records {missing[:5]} have no image)")
+    return torch.stack([load_source_image(r["image"], height, width) for r in records])
