@@ -31,6 +31,7 @@ _BUILTIN_MODULES = (
     "tempflow.shapes.reward",
     "tempflow.rewards.pickscore",
     "tempflow.rewards.clip_similarity",
+    "tempflow.rewards.edit_clip",
     "tempflow.rewards.aesthetic",
     "tempflow.rewards.ocr",
     "tempflow.rewards.remote",

@@ -17,7 +17,7 @@ from tempflow.rewards.ocr import levenshtein, quoted_text, text_similarity
 from tempflow.rewards.pickscore import PICKSCORE_NORMALIZER
 from tempflow.testing import seeded_module
 
-BUILTINS = ("pickscore", "clip_score", "hpsv2", "aesthetic", "ocr", "remote")
+BUILTINS = ("pickscore", "clip_score", "hpsv2", "edit_consistency", "edit_direction", "aesthetic", "ocr", "remote")
 PROMPTS = ["a photo of a red circle", "a blue square", "two green triangles", "an empty gray image"]
 
 
@@ -208,6 +208,40 @@ def test_clip_score_loads_a_local_weights_file(open_clip_model, images):
     assert all(-1 <= s <= 1 for s in scores)
     assert scores == pytest.approx(_open_clip_cosines(model, images, PROMPTS).tolist(), rel=1e-4, abs=1e-5)
     assert reward(images, PROMPTS) == scores
+
+
+def test_edit_rewards_compare_the_output_with_its_source(open_clip_model, images):
+    directory, model = open_clip_model
+    weights = dict(model_name="tempflow-tiny-clip", pretrained=str(directory / "clip.safetensors"))
+    consistency, direction = get_reward("edit_consistency", **weights), get_reward("edit_direction", **weights)
+    sources = images.flip(0)
+    image_features = _open_clip_image_features(model, images)
+    source_features = _open_clip_image_features(model, sources)
+    expected = (image_features * source_features).sum(-1)
+    assert consistency(images, PROMPTS, source_images=sources) == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)
+    assert consistency(images, PROMPTS, source_images=images) == pytest.approx([1.0] * len(PROMPTS), abs=1e-5)
+    change = image_features - source_features
+    text = _open_clip_text_features(model, PROMPTS)
+    expected = (change * text).sum(-1) / change.norm(dim=-1)
+    assert direction(images, PROMPTS, source_images=sources) == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)
+    assert direction(images, PROMPTS, source_images=images) == [0.0] * len(PROMPTS)  # nothing changed
+    with pytest.raises(ValueError, match="scores edits: its prompts need source images"):
+        direction(images, PROMPTS)
+
+
+def _open_clip_image_features(model, images):
+    import open_clip
+
+    _, _, preprocess = open_clip.create_model_and_transforms("tempflow-tiny-clip", pretrained=None)
+    with torch.no_grad():
+        return model.encode_image(torch.stack([preprocess(image) for image in to_pil(images)]), normalize=True)
+
+
+def _open_clip_text_features(model, prompts):
+    import open_clip
+
+    with torch.no_grad():
+        return model.encode_text(open_clip.get_tokenizer("tempflow-tiny-clip")(prompts), normalize=True)
 
 
 def test_hpsv2_loads_a_ddp_checkpoint_and_matches_its_formula(open_clip_model, images):
