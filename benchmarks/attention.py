@@ -179,7 +179,7 @@ def shapes_section(limit, num_steps, kernel, device) -> list[dict]:
     seeds = evaluation_seeds(0, list(range(len(records))))
     reward = CombinedReward.from_names(["shapes_strict"])
     policy = load_policy(str(pipeline_path()), resolution=64, guidance_scale=4.5).to(device)
-    embeds = policy.encode_prompts([r["prompt"] for r in records])
+    embeds = policy.encode_records(records)
     engine = RolloutEngine(policy, noise_level=0.0, batch_size=64)
     grid = policy.token_grid
     methods = {

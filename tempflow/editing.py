@@ -1,5 +1,6 @@
 """Image editing prompts: records that pair an instruction with a source image (``{"image": "path", "instruction":
-"..."}`` in a JSONL file, the path relative to the file), checked when the file is read, and the source images as the
+"..."}`` in a JSONL file, the path relative to the file; ``prompt`` may stand for ``instruction``), checked when the
+file is read, and the source images as the
 tensors the edit families encode and the rewards receive (``source_images``: ``[B, 3, H, W]`` in ``[0, 1]``, at the
 size of the images scored)."""
 
@@ -15,13 +16,14 @@ EDIT_KEYS = ("image", "instruction")
 
 
 def is_edit_record(record: dict) -> bool:
-    return "image" in record and "instruction" in record
+    """An instruction (``instruction``, or ``prompt`` as Flow-GRPO's edit datasets name it) with an ``image``."""
+    return "image" in record and ("instruction" in record or "prompt" in record)
 
 
 def resolve_edit_record(record: dict, base: Path, where: str) -> dict:
     """An edit record as tempflow keeps it: ``prompt`` is the instruction and ``image`` an absolute path to a
     readable image. Raises ``ValueError`` naming ``where`` (file and line) otherwise."""
-    image, instruction = record.get("image"), record.get("instruction")
+    image, instruction = record.get("image"), record.get("instruction", record.get("prompt"))
     if not isinstance(image, str) or not image:
         raise ValueError(f"{where}: `image` must be a path (relative to the prompt file)")
     if not isinstance(instruction, str) or not instruction.strip():

@@ -38,6 +38,8 @@ HUB_TEXT_ENCODER_PARAMS: dict[str, dict[str, int]] = {
         "text_encoder_3 (T5-v1.1-XXL encoder)": 4_762_310_656},
     "black-forest-labs/FLUX.1-dev": {
         "text_encoder (CLIP-L/14)": 123_060_480, "text_encoder_2 (T5-v1.1-XXL encoder)": 4_762_310_656},
+    "black-forest-labs/FLUX.1-Kontext-dev": {
+        "text_encoder (CLIP-L/14)": 123_060_480, "text_encoder_2 (T5-v1.1-XXL encoder)": 4_762_310_656},
     "Qwen/Qwen-Image": {"text_encoder (Qwen2.5-VL-7B-Instruct)": 8_292_166_656},
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"text_encoder (UMT5-XXL encoder)": 5_680_910_336},
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"text_encoder (UMT5-XXL encoder)": 5_680_910_336},
@@ -282,6 +284,8 @@ def meta_policy(model: ModelConfigs, config: TempFlowGRPOConfig, dtype: torch.dt
         tensors["pooled_prompt_embeds"] = torch.empty(1, cfg.pooled_projection_dim, device="meta", dtype=dtype)
     if model.family == "qwen_image":
         tensors[PROMPT_MASK] = torch.ones(1, tokens, dtype=torch.long)  # on the CPU: the policy tests it for padding
+    if policy.edits:  # Kontext: the source image's packed latents, as many tokens as the output's
+        tensors["image_latents"] = torch.empty(1, policy.image_seq_len, cfg.in_channels, device="meta", dtype=dtype)
     policy._embed_cache[""] = PromptEmbeds(tensors)
     policy._negative = (policy.negative_prompt, PromptEmbeds(tensors))  # as encoded, without moving the mask
     return policy

@@ -94,6 +94,8 @@ HUB_MODELS: dict[str, ModelConfigs] = {
                                                             _HUB, "AutoencoderKL", SD3_VAE),
     "black-forest-labs/FLUX.1-dev": ModelConfigs("flux", "FluxTransformer2DModel", FLUX_DEV, FLUX_SCHEDULER, _HUB,
                                                  "AutoencoderKL", FLUX_VAE),
+    "black-forest-labs/FLUX.1-Kontext-dev": ModelConfigs("flux_kontext", "FluxTransformer2DModel", FLUX_DEV,
+                                                         FLUX_SCHEDULER, _HUB, "AutoencoderKL", FLUX_VAE),
     "Qwen/Qwen-Image": ModelConfigs("qwen_image", "QwenImageTransformer2DModel", QWEN_IMAGE, QWEN_IMAGE_SCHEDULER, _HUB,
                                     "AutoencoderKLQwenImage"),
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_1_3B, WAN_SCHEDULER, _HUB,

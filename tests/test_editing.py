@@ -148,3 +148,12 @@ def test_edit_training_starts_on_policy_and_rewards_see_the_source_images(tiny_f
         assert sources.shape == (len(prompts), 3, 64, 64)
         for prompt, source in zip(prompts, sources):
             torch.testing.assert_close(source, load_source_image(by_prompt[prompt], 64, 64))
+
+
+def test_plan_counts_the_source_tokens(tiny_flux_kontext_dir, tiny_flux_dir, tmp_path):
+    from tempflow.memory_plan import model_memory
+
+    kontext, flux = (model_memory(_config(directory, tmp_path, guidance_scale=2.5))
+                     for directory in (tiny_flux_kontext_dir, tiny_flux_dir))
+    assert kontext.activations_other > flux.activations_other  # twice the image tokens through every block
+    assert kontext.rollout_call > flux.rollout_call

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxKontextPipeline, FluxPipeline
 
+from ..editing import load_source_image
 from .base import PromptEmbeds
 from .flux import FluxPolicy
 
@@ -18,6 +19,8 @@ class FluxKontextPolicy(FluxPolicy):
     family = "flux_kontext"
     pipeline_class = FluxKontextPipeline
     edits = True
+    # Flow-GRPO's train_flux_kontext.py: FLUX's 12 targets and the single blocks' MLP input projection
+    default_lora_target_modules = (*FluxPolicy.default_lora_target_modules, "proj_mlp")
 
     def set_token_pruning(self, pruning) -> None:
         if pruning is not None:
@@ -35,15 +38,12 @@ class FluxKontextPolicy(FluxPolicy):
         text = self._encode(list(prompts))
         return PromptEmbeds({**text.tensors, IMAGE_LATENTS: self.encode_source_images(images)})
 
-    def encode_source_images(self, images) -> torch.Tensor:
-        """Packed VAE latents ``[B, tokens, 4·C]`` of source images (paths or PIL images) resized to the output
-        size, as ``FluxKontextPipeline.prepare_latents`` makes them (the VAE's mode, shifted and scaled)."""
-        from PIL import Image
-
-        pipeline, vae = self.pipeline, self.pipeline.vae
-        size = self._latent_hw * self.vae_scale_factor
-        pictures = [Image.open(i).convert("RGB") if isinstance(i, str) else i for i in images]
-        pixels = pipeline.image_processor.preprocess(pipeline.image_processor.resize(pictures, size, size), size, size)
+    def encode_source_images(self, images: tuple[str, ...]) -> torch.Tensor:
+        """Packed VAE latents ``[B, tokens, 4·C]`` of source images (paths) resized (bicubic) to the output size,
+        as Flow-GRPO's Kontext script feeds ``FluxKontextPipeline.prepare_latents`` (the VAE's mode, shifted and
+        scaled)."""
+        vae, size = self.pipeline.vae, self._latent_hw * self.vae_scale_factor
+        pixels = torch.stack([load_source_image(path, size, size) for path in images]) * 2 - 1
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
         channels, height, width = latents.shape[1:]
