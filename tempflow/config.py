@@ -30,7 +30,7 @@ from .attention import (
 )
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo", "diffusion_nft")
-MODEL_FAMILIES = ("auto", "sd3", "flux", "flux_kontext", "qwen_image", "wan")
+MODEL_FAMILIES = ("auto", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SDE_TYPES = ("sde", "cps")
 """The stochastic steps of :mod:`tempflow.sampling` (``STOCHASTIC_STEPS``)."""
@@ -84,6 +84,11 @@ class TempFlowGRPOConfig:
     )
     num_frames: int | None = _help(
         "Video frames per sample (wan: 1 + a multiple of 4; default 81, its model card's). Images: leave unset.",
+        default=None,
+    )
+    edit_condition_area: int | None = _help(
+        "qwen_image_edit: pixels of the source image as the model sees it (default: the pipeline's 1024*1024; "
+        "Flow-GRPO's Qwen-Image-Edit runs use 512*512 = 262144). Other families: leave unset.",
         default=None,
     )
     guidance_scale: float = _help(
@@ -487,7 +492,7 @@ class TempFlowGRPOConfig:
             "lora_r", "lora_alpha", "logging_steps", "save_steps", "save_total_limit", "epsilon",
             "adv_clip_max", "sde_window_size", "num_branch_steps_per_iteration", "child_num_inference_steps",
             "eval_steps", "num_eval_prompts", "max_sequence_length", "max_consecutive_skipped_steps", "reward_timeout",
-            "width", "num_frames",
+            "width", "num_frames", "edit_condition_area",
         )
         if self.num_generations < 2:
             reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")

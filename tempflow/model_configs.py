@@ -98,6 +98,8 @@ HUB_MODELS: dict[str, ModelConfigs] = {
                                                          FLUX_SCHEDULER, _HUB, "AutoencoderKL", FLUX_VAE),
     "Qwen/Qwen-Image": ModelConfigs("qwen_image", "QwenImageTransformer2DModel", QWEN_IMAGE, QWEN_IMAGE_SCHEDULER, _HUB,
                                     "AutoencoderKLQwenImage"),
+    "Qwen/Qwen-Image-Edit": ModelConfigs("qwen_image_edit", "QwenImageTransformer2DModel", QWEN_IMAGE,
+                                         QWEN_IMAGE_SCHEDULER, _HUB, "AutoencoderKLQwenImage"),
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_1_3B, WAN_SCHEDULER, _HUB,
                                                      "AutoencoderKLWan"),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_14B, WAN_SCHEDULER, _HUB,
@@ -106,7 +108,8 @@ HUB_MODELS: dict[str, ModelConfigs] = {
 """The hub models the recipes name, by hub id."""
 
 _FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux_kontext",
-                       "QwenImagePipeline": "qwen_image", "WanPipeline": "wan"}
+                       "QwenImagePipeline": "qwen_image", "QwenImageEditPipeline": "qwen_image_edit",
+                       "WanPipeline": "wan"}
 
 
 def pipeline_configs(model_name_or_path: str) -> ModelConfigs:

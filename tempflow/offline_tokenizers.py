@@ -119,13 +119,24 @@ QWEN_IMAGE_TEMPLATE = (
 )
 """``QwenImagePipeline.prompt_template_encode`` (diffusers 0.42), whose first 34 tokens the pipeline drops."""
 _QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+"""The special tokens around an image in Qwen2.5-VL's prompts (the processor expands ``<|image_pad|>`` to one token
+per merged image patch)."""
+QWEN_IMAGE_EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate."
+    "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+)
+"""``QwenImageEditPipeline.prompt_template_encode`` (diffusers 0.42), whose first 64 tokens the pipeline drops."""
 
 
-def build_qwen_tokenizer(vocab_words: list[str] | None = None) -> Qwen2Tokenizer:
+def build_qwen_tokenizer(vocab_words: list[str] | None = None, vision: bool = False) -> Qwen2Tokenizer:
     """A ``Qwen2Tokenizer`` (Qwen's pre-tokenizer regex and byte-level BPE) with a BPE vocabulary trained on
     :data:`QWEN_IMAGE_TEMPLATE` and ``vocab_words`` (default: colours, shapes, counts, spatial words): every word
     of the template is one token, as with Qwen's real vocabulary, so the template's prefix is the 34 tokens that
-    ``QwenImagePipeline`` drops; other text falls back to bytes. Deterministic."""
+    ``QwenImagePipeline`` drops; other text falls back to bytes. ``vision``: also the image tokens and the edit
+    pipeline's template (Qwen-Image-Edit). Deterministic."""
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     words = list(vocab_words) if vocab_words is not None else list(_DEFAULT_T5_WORDS)
@@ -135,12 +146,15 @@ def build_qwen_tokenizer(vocab_words: list[str] | None = None) -> Qwen2Tokenizer
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    trainer = trainers.BpeTrainer(vocab_size=4096, min_frequency=1, special_tokens=list(_QWEN_SPECIAL_TOKENS),
+    specials = _QWEN_SPECIAL_TOKENS + (QWEN_VISION_TOKENS if vision else ())
+    trainer = trainers.BpeTrainer(vocab_size=4096, min_frequency=1, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    template = QWEN_IMAGE_TEMPLATE
-    for special in _QWEN_SPECIAL_TOKENS:
-        template = template.replace(special, "\n")
-    backend.train_from_iterator([template.format(" ".join(words)), " ".join(words), "\n".join(words)], trainer)
+    texts = [" ".join(words), "\n".join(words)]
+    for template in (QWEN_IMAGE_TEMPLATE, *((QWEN_IMAGE_EDIT_TEMPLATE,) if vision else ())):
+        for special in specials:
+            template = template.replace(special, "\n")
+        texts.insert(0, template.format(" ".join(words)))
+    backend.train_from_iterator(texts, trainer)
     model = json.loads(backend.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=list(_QWEN_SPECIAL_TOKENS[1:]))
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=list(specials[1:]))

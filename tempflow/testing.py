@@ -23,6 +23,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImageEditPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -219,18 +220,37 @@ def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
 
 
-def build_tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+def build_tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
+    """Qwen-Image-Edit: :func:`build_tiny_qwen_image_pipeline`'s transformer and VAE, a tokenizer that also knows
+    Qwen2.5-VL's image tokens, and a processor that turns the source image into patches for the encoder's one-block
+    vision tower (whose features replace the image tokens). The pipeline encodes the source at 1024² pixels."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tokenizer = build_qwen_tokenizer(vision=True)
+    image_tokens = dict(image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    base = build_tiny_qwen_image_pipeline(seed, tokenizer=tokenizer, **image_tokens)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(max_pixels=64 * 28 * 28),
+                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    return QwenImageEditPipeline(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
+                                 text_encoder=base.text_encoder, tokenizer=tokenizer, processor=processor)
+
+
+def build_tiny_qwen_image_pipeline(seed: int = 0, tokenizer=None, **token_ids) -> QwenImagePipeline:
     """Qwen-Image with a 2-layer Qwen2.5-VL text encoder of width 32 (its vision tower one block of 16, unused), a
     2-block transformer (2 heads of 16, RoPE axes 4/6/6), an 8× Qwen-Image VAE with 4 latent channels, and the
-    real model's scheduler; 64×64 images are 4×4 packed tokens. Pass ``height``/``width`` (its default is 1024)."""
-    tokenizer = build_qwen_tokenizer()
+    real model's scheduler; 64×64 images are 4×4 packed tokens. Pass ``height``/``width`` (its default is 1024).
+    ``tokenizer`` and ``token_ids`` (the encoder's image token ids) are for the edit pipeline."""
+    tokenizer = tokenizer or build_qwen_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text_config = Qwen2_5_VLConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "num_key_value_heads": 1, "vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": eos,
                      "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32},
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer), **token_ids,
     )
     return QwenImagePipeline(
         transformer=seeded_module(seed, lambda: QwenImageTransformer2DModel(

@@ -128,6 +128,11 @@ class SetupMixin:
                 width=config.width,
                 num_frames=config.num_frames,
             )
+        if config.edit_condition_area is not None:
+            if not hasattr(self.policy, "condition_area"):
+                raise ValueError(f"config `edit_condition_area`: the {self.policy.family} family takes no source image "
+                                 "area (qwen_image_edit does)")
+            self.policy.condition_area = config.edit_condition_area
         self.policy.to(self.accelerator.device)
         self.policy.set_attention_backend(config.attention_backend)
         self.policy.cfg_uncond_gradient = config.cfg_uncond_gradient

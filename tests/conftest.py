@@ -8,6 +8,7 @@ from tempflow.policies import load_policy
 from tempflow.testing import (
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -35,6 +36,11 @@ def tiny_flux_kontext_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen_image_dir(tmp_path_factory):
     return save_tiny_pipeline(build_tiny_qwen_image_pipeline(seed=0), tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_qwen_image_edit_pipeline(seed=0), tmp_path_factory.mktemp("tiny-qwen-edit"))
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline
+from diffusers import FluxKontextPipeline, QwenImageEditPipeline
 from PIL import Image
 
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.editing import load_source_image
-from tempflow.policies import FluxKontextPolicy, infer_family, load_policy
+from tempflow.policies import FluxKontextPolicy, QwenImageEditPolicy, infer_family, load_policy
 from tempflow.prompts import load_prompts
 from tempflow.sampling import ode_step
 from tempflow.trainer import TempFlowGRPOTrainer
@@ -55,9 +55,11 @@ def test_edit_records_resolve_their_images_and_a_bad_row_is_named(tmp_path):
             load_prompts(bad)
 
 
-def test_model_family_auto_recognises_kontext(tiny_flux_kontext_dir):
+def test_model_family_auto_recognises_the_editors(tiny_flux_kontext_dir, tiny_qwen_image_edit_dir):
     assert infer_family(tiny_flux_kontext_dir) == "flux_kontext"
     assert infer_family("black-forest-labs/FLUX.1-Kontext-dev") == "flux_kontext"
+    assert infer_family(tiny_qwen_image_edit_dir) == "qwen_image_edit"
+    assert infer_family("Qwen/Qwen-Image-Edit") == "qwen_image_edit"
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
@@ -157,3 +159,45 @@ def test_plan_counts_the_source_tokens(tiny_flux_kontext_dir, tiny_flux_dir, tmp
                      for directory in (tiny_flux_kontext_dir, tiny_flux_dir))
     assert kontext.activations_other > flux.activations_other  # twice the image tokens through every block
     assert kontext.rollout_call > flux.rollout_call
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_qwen_image_edit_ode_sampling_matches_pipeline(tiny_qwen_image_edit_dir, tmp_path, cfg_scale):
+    """The prompt and (with CFG) the negative prompt encoded by the VL model with the source image, the source's
+    latents appended to the noisy tokens at the pipeline's 1024² condition size, the norm-rescaled true CFG."""
+    policy = load_policy(tiny_qwen_image_edit_dir, resolution=64, guidance_scale=cfg_scale)
+    assert isinstance(policy, QwenImageEditPolicy) and policy.condition_size == (1024, 1024)
+    paths = [str(p) for p in _images(tmp_path)]
+    noise = torch.cat([policy.initial_noise(torch.Generator().manual_seed(s)) for s in range(2)])
+    sigmas, latents = policy.sigma_schedule(2), noise
+    embeds = policy.encode_prompts(INSTRUCTIONS, paths)
+    with torch.no_grad():
+        for i in range(2):
+            sigma, next_sigma = sigmas[i].expand(2), sigmas[i + 1].expand(2)
+            latents = ode_step(latents, policy.velocity(latents, sigma, embeds), sigma, next_sigma).next_latents
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_qwen_image_edit_dir)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = dict(negative_prompt=" ", true_cfg_scale=cfg_scale) if cfg_scale > 1 else {}
+    reference = torch.cat([pipe(image=Image.open(path).convert("RGB"), prompt=text, latents=noise[i : i + 1],
+                                num_inference_steps=2, height=64, width=64, output_type="latent", **guidance).images
+                           for i, (text, path) in enumerate(zip(INSTRUCTIONS, paths))])
+    torch.testing.assert_close(latents, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen_image_edit_training_starts_on_policy(tiny_qwen_image_edit_dir, tiny_flux_kontext_dir, tmp_path):
+    """With CFG (the negative prompt encoded with each row's source image) and a small condition area."""
+    paths = [str(p) for p in _images(tmp_path)]
+    records = [{"prompt": text, "image": path} for text, path in zip(INSTRUCTIONS, paths)]
+    config = _config(tiny_qwen_image_edit_dir, tmp_path, guidance_scale=4.0, edit_condition_area=64 * 64,
+                     noise_level=0.7)
+    trainer = TempFlowGRPOTrainer(config, train_prompts=records)
+    assert trainer.policy.condition_size == (64, 64)
+    rollout = trainer.rollout(trainer._sample_prompts())
+    trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
+    with torch.no_grad():
+        _, stats = trainer.compute_loss(rollout.transitions, rollout.embeds)
+    assert stats["ratio_min"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["ratio_max"].item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="the flux_kontext family takes no source image area"):
+        TempFlowGRPOTrainer(_config(tiny_flux_kontext_dir, tmp_path / "kontext", edit_condition_area=4096),
+                            train_prompts=records)

@@ -1,5 +1,5 @@
-"""Model-family adapters (policies): SD3/SD3.5, FLUX.1, Qwen-Image and Wan 2.1 text-to-video behind one interface
-(see ``base.py``)."""
+"""Model-family adapters (policies): SD3/SD3.5, FLUX.1, Qwen-Image and Wan 2.1 text-to-video, and the image editors
+FLUX.1 Kontext and Qwen-Image-Edit, behind one interface (see ``base.py``)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from .base import FlowPolicy, PromptEmbeds
 from .flux import FluxPolicy
 from .flux_kontext import FluxKontextPolicy
 from .qwen_image import QwenImagePolicy
+from .qwen_image_edit import QwenImageEditPolicy
 from .sd3 import SD3Policy
 from .wan import WanPolicy
 
 POLICY_CLASSES: dict[str, type[FlowPolicy]] = {
     "sd3": SD3Policy, "flux": FluxPolicy, "flux_kontext": FluxKontextPolicy, "qwen_image": QwenImagePolicy,
-    "wan": WanPolicy,
+    "qwen_image_edit": QwenImageEditPolicy, "wan": WanPolicy,
 }
 _PIPELINE_FAMILIES = {policy.pipeline_class.__name__: family for family, policy in POLICY_CLASSES.items()}
-_HUB_NAME_FAMILIES = (("kontext", "flux_kontext"), ("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("qwen-image", "qwen_image"),
+_HUB_NAME_FAMILIES = (("kontext", "flux_kontext"), ("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("qwen-image-edit", "qwen_image_edit"), ("qwen-image", "qwen_image"),
                       ("wan2.1", "wan"), ("wan-ai", "wan"))
 """Hub ids say their family in their name (first match wins): ``Qwen/Qwen-Image``, ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``."""
 
@@ -50,6 +51,7 @@ def load_policy(model_name_or_path: str, family: str = "auto", **kwargs) -> Flow
 
 
 __all__ = [
-    "POLICY_CLASSES", "FlowPolicy", "FluxPolicy", "PromptEmbeds", "QwenImagePolicy", "SD3Policy", "WanPolicy",
+    "POLICY_CLASSES", "FlowPolicy", "FluxKontextPolicy", "FluxPolicy", "PromptEmbeds", "QwenImageEditPolicy",
+    "QwenImagePolicy", "SD3Policy", "WanPolicy",
     "infer_family", "load_policy",
 ]

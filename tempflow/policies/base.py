@@ -29,6 +29,8 @@ GATES_FILE = "block_sparse_gates.safetensors"
 
 PROMPT_MASK = "prompt_embeds_mask"
 """The name of a family's text attention mask in :class:`PromptEmbeds` (1: token, 0: padding), where it has one."""
+TEXT_OF_MASK = {PROMPT_MASK: "prompt_embeds", "negative_prompt_embeds_mask": "negative_prompt_embeds"}
+"""Each text mask and the embeddings it masks (an edit family carries a per-image negative prompt too)."""
 
 
 @dataclass
@@ -59,13 +61,15 @@ class PromptEmbeds:
         return PromptEmbeds({name: expand_batch(value, batch_size) for name, value in self.tensors.items()})
 
     def trimmed(self) -> PromptEmbeds:
-        """Without the trailing positions that the mask marks as padding in every row (unchanged without a mask)."""
-        mask = self.tensors.get(PROMPT_MASK)
-        if mask is None:
-            return self
-        length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
-        return PromptEmbeds({name: value[:, :length] if value.shape[1:2] == mask.shape[1:2] else value
-                             for name, value in self.tensors.items()})
+        """Without the trailing positions that a text mask marks as padding in every row, in that mask and the
+        embeddings it masks (unchanged without a mask)."""
+        tensors = dict(self.tensors)
+        for mask_name, text_name in TEXT_OF_MASK.items():
+            mask = tensors.get(mask_name)
+            if mask is not None:
+                length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+                tensors[mask_name], tensors[text_name] = mask[:, :length], tensors[text_name][:, :length]
+        return PromptEmbeds(tensors)
 
     @staticmethod
     def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
@@ -282,6 +286,11 @@ class FlowPolicy:
     def _encode_edits(self, prompts: tuple[str, ...], images: tuple[str, ...]) -> PromptEmbeds:
         raise NotImplementedError
 
+    def _unconditional_embeds(self, embeds: PromptEmbeds) -> PromptEmbeds:
+        """CFG's unconditional branch for each row of ``embeds``: the negative prompt's (edit families: encoded
+        with each row's source image)."""
+        return self._negative_embeds().expand(len(embeds))
+
     def _negative_embeds(self) -> PromptEmbeds:
         """The negative prompt's embeddings (CFG's unconditional branch), kept on the device after first use."""
         cached = getattr(self, "_negative", None)
@@ -370,7 +379,7 @@ class FlowPolicy:
             prediction = self._forward(model, **conditional)
             self._keep_selection(model, passes=1)
             return self._softpag_guidance(model, prediction, prediction, conditional)
-        both = PromptEmbeds.cat([self._negative_embeds().expand(len(latents)), embeds])
+        both = PromptEmbeds.cat([self._unconditional_embeds(embeds), embeds])
         doubled = self._transformer_inputs(torch.cat([latents, latents]), torch.cat([sigmas, sigmas]), both)
         uncond, cond = self._forward(model, **doubled).chunk(2)
         self._keep_selection(model, passes=2)
