@@ -28,7 +28,7 @@ SDPA_KERNELS = {
     "sdpa_math": SDPBackend.MATH,
 }
 DISPATCHER_BACKENDS = {"flex": "flex", "sage": "sage", "flash_attn": "flash"}
-DISPATCHER_FAMILIES = ("flux", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")
+DISPATCHER_FAMILIES = ("flux", "flux_kontext", "qwen_image", "qwen_image_edit", "qwen_image_edit_plus", "wan")
 """Families whose attention processors call diffusers' dispatcher; SD3's get :class:`DispatchedJointAttnProcessor`
 for these backends."""
 

@@ -30,7 +30,7 @@ from .attention import (
 )
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo", "diffusion_nft")
-MODEL_FAMILIES = ("auto", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")
+MODEL_FAMILIES = ("auto", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "qwen_image_edit_plus", "wan")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SDE_TYPES = ("sde", "cps")
 """The stochastic steps of :mod:`tempflow.sampling` (``STOCHASTIC_STEPS``)."""

@@ -42,6 +42,7 @@ HUB_TEXT_ENCODER_PARAMS: dict[str, dict[str, int]] = {
         "text_encoder (CLIP-L/14)": 123_060_480, "text_encoder_2 (T5-v1.1-XXL encoder)": 4_762_310_656},
     "Qwen/Qwen-Image": {"text_encoder (Qwen2.5-VL-7B-Instruct)": 8_292_166_656},
     "Qwen/Qwen-Image-Edit": {"text_encoder (Qwen2.5-VL-7B-Instruct)": 8_292_166_656},
+    "Qwen/Qwen-Image-Edit-2509": {"text_encoder (Qwen2.5-VL-7B-Instruct)": 8_292_166_656},
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"text_encoder (UMT5-XXL encoder)": 5_680_910_336},
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"text_encoder (UMT5-XXL encoder)": 5_680_910_336},
 }
@@ -285,12 +286,12 @@ def meta_policy(model: ModelConfigs, config: TempFlowGRPOConfig, dtype: torch.dt
     tensors = {"prompt_embeds": torch.empty(1, tokens, text_dim, device="meta", dtype=dtype)}
     if getattr(cfg, "pooled_projection_dim", None):
         tensors["pooled_prompt_embeds"] = torch.empty(1, cfg.pooled_projection_dim, device="meta", dtype=dtype)
-    if model.family in ("qwen_image", "qwen_image_edit"):
+    if model.family.startswith("qwen_image"):
         tensors[PROMPT_MASK] = torch.ones(1, tokens, dtype=torch.long)  # on the CPU: the policy tests it for padding
     if policy.edits:  # the source image's packed latents (Kontext: as many tokens as the output's)
         source_tokens = math.prod(getattr(policy, "condition_grid", policy.token_grid))
         tensors["image_latents"] = torch.empty(1, source_tokens, cfg.in_channels, device="meta", dtype=dtype)
-    if model.family == "qwen_image_edit":  # the negative prompt, encoded with the source image
+    if model.family.startswith("qwen_image_edit"):  # the negative prompt, encoded with the source image
         tensors["negative_prompt_embeds"] = tensors["prompt_embeds"]
         tensors["negative_prompt_embeds_mask"] = tensors[PROMPT_MASK]
     policy._embed_cache[""] = PromptEmbeds(tensors)

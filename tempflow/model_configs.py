@@ -100,6 +100,8 @@ HUB_MODELS: dict[str, ModelConfigs] = {
                                     "AutoencoderKLQwenImage"),
     "Qwen/Qwen-Image-Edit": ModelConfigs("qwen_image_edit", "QwenImageTransformer2DModel", QWEN_IMAGE,
                                          QWEN_IMAGE_SCHEDULER, _HUB, "AutoencoderKLQwenImage"),
+    "Qwen/Qwen-Image-Edit-2509": ModelConfigs("qwen_image_edit_plus", "QwenImageTransformer2DModel", QWEN_IMAGE,
+                                              QWEN_IMAGE_SCHEDULER, _HUB, "AutoencoderKLQwenImage"),
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_1_3B, WAN_SCHEDULER, _HUB,
                                                      "AutoencoderKLWan"),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelConfigs("wan", "WanTransformer3DModel", WAN_14B, WAN_SCHEDULER, _HUB,
@@ -109,6 +111,7 @@ HUB_MODELS: dict[str, ModelConfigs] = {
 
 _FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "FluxKontextPipeline": "flux_kontext",
                        "QwenImagePipeline": "qwen_image", "QwenImageEditPipeline": "qwen_image_edit",
+                       "QwenImageEditPlusPipeline": "qwen_image_edit_plus",
                        "WanPipeline": "wan"}
 
 

@@ -24,6 +24,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -220,10 +221,11 @@ def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
 
 
-def build_tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
+def build_tiny_qwen_image_edit_pipeline(seed: int = 0, plus: bool = False) -> QwenImageEditPipeline:
     """Qwen-Image-Edit: :func:`build_tiny_qwen_image_pipeline`'s transformer and VAE, a tokenizer that also knows
     Qwen2.5-VL's image tokens, and a processor that turns the source image into patches for the encoder's one-block
-    vision tower (whose features replace the image tokens). The pipeline encodes the source at 1024² pixels."""
+    vision tower (whose features replace the image tokens). The pipeline encodes the source at 1024² pixels.
+    ``plus``: the same parts in ``QwenImageEditPlusPipeline`` (several sources; the VL encoder sees them at 384²)."""
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -234,8 +236,9 @@ def build_tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
     base = build_tiny_qwen_image_pipeline(seed, tokenizer=tokenizer, **image_tokens)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(max_pixels=64 * 28 * 28),
                                  tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
-    return QwenImageEditPipeline(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
-                                 text_encoder=base.text_encoder, tokenizer=tokenizer, processor=processor)
+    pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return pipeline_class(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
+                          text_encoder=base.text_encoder, tokenizer=tokenizer, processor=processor)
 
 
 def build_tiny_qwen_image_pipeline(seed: int = 0, tokenizer=None, **token_ids) -> QwenImagePipeline:

@@ -44,6 +44,12 @@ def tiny_qwen_image_edit_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image_edit_plus_dir(tmp_path_factory):
+    return save_tiny_pipeline(build_tiny_qwen_image_edit_pipeline(seed=0, plus=True),
+                              tmp_path_factory.mktemp("tiny-qwen-edit-plus"))
+
+
+@pytest.fixture(scope="session")
 def tiny_wan_dir(tmp_path_factory):
     return save_tiny_pipeline(build_tiny_wan_pipeline(seed=0), tmp_path_factory.mktemp("tiny-wan"))
 

@@ -7,12 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+from diffusers import FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from PIL import Image
 
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.editing import load_source_image
-from tempflow.policies import FluxKontextPolicy, QwenImageEditPolicy, infer_family, load_policy
+from tempflow.policies import (
+    FluxKontextPolicy,
+    QwenImageEditPlusPolicy,
+    QwenImageEditPolicy,
+    infer_family,
+    load_policy,
+)
 from tempflow.prompts import load_prompts
 from tempflow.sampling import ode_step
 from tempflow.trainer import TempFlowGRPOTrainer
@@ -60,6 +66,7 @@ def test_model_family_auto_recognises_the_editors(tiny_flux_kontext_dir, tiny_qw
     assert infer_family("black-forest-labs/FLUX.1-Kontext-dev") == "flux_kontext"
     assert infer_family(tiny_qwen_image_edit_dir) == "qwen_image_edit"
     assert infer_family("Qwen/Qwen-Image-Edit") == "qwen_image_edit"
+    assert infer_family("Qwen/Qwen-Image-Edit-2509") == "qwen_image_edit_plus"
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
@@ -201,3 +208,29 @@ def test_qwen_image_edit_training_starts_on_policy(tiny_qwen_image_edit_dir, tin
     with pytest.raises(ValueError, match="the flux_kontext family takes no source image area"):
         TempFlowGRPOTrainer(_config(tiny_flux_kontext_dir, tmp_path / "kontext", edit_condition_area=4096),
                             train_prompts=records)
+
+
+def test_qwen_image_edit_plus_takes_several_sources_as_its_pipeline(tiny_qwen_image_edit_plus_dir, tmp_path):
+    """Two source images for one instruction: each seen by the VL encoder at 384² and appended as latents at 1024²,
+    in order, with CFG."""
+    policy = load_policy(tiny_qwen_image_edit_plus_dir, resolution=64, guidance_scale=4.0)
+    assert isinstance(policy, QwenImageEditPlusPolicy)
+    (tmp_path / "pictures").mkdir()
+    first, second = (str(p) for p in _images(tmp_path / "pictures"))
+    source = _edit_file(tmp_path, [{"image": ["pictures/source0.png", "pictures/source1.png"],
+                                    "instruction": INSTRUCTIONS[0]}])
+    record = load_prompts(source)[0]
+    assert record["image"] == [first, second]
+    noise = policy.initial_noise(torch.Generator().manual_seed(0))
+    sigmas, latents = policy.sigma_schedule(2), noise
+    embeds = policy.encode_records([record])
+    with torch.no_grad():
+        for i in range(2):
+            sigma, next_sigma = sigmas[i].expand(1), sigmas[i + 1].expand(1)
+            latents = ode_step(latents, policy.velocity(latents, sigma, embeds), sigma, next_sigma).next_latents
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_qwen_image_edit_plus_dir)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(image=[Image.open(p).convert("RGB") for p in (first, second)], prompt=INSTRUCTIONS[0],
+                     negative_prompt=" ", true_cfg_scale=4.0, latents=noise, num_inference_steps=2, height=64,
+                     width=64, output_type="latent").images
+    torch.testing.assert_close(latents, reference, atol=1e-4, rtol=1e-4)

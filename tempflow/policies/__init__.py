@@ -7,17 +7,19 @@ from .base import FlowPolicy, PromptEmbeds
 from .flux import FluxPolicy
 from .flux_kontext import FluxKontextPolicy
 from .qwen_image import QwenImagePolicy
-from .qwen_image_edit import QwenImageEditPolicy
+from .qwen_image_edit import QwenImageEditPlusPolicy, QwenImageEditPolicy
 from .sd3 import SD3Policy
 from .wan import WanPolicy
 
 POLICY_CLASSES: dict[str, type[FlowPolicy]] = {
     "sd3": SD3Policy, "flux": FluxPolicy, "flux_kontext": FluxKontextPolicy, "qwen_image": QwenImagePolicy,
-    "qwen_image_edit": QwenImageEditPolicy, "wan": WanPolicy,
+    "qwen_image_edit": QwenImageEditPolicy, "qwen_image_edit_plus": QwenImageEditPlusPolicy, "wan": WanPolicy,
 }
 _PIPELINE_FAMILIES = {policy.pipeline_class.__name__: family for family, policy in POLICY_CLASSES.items()}
-_HUB_NAME_FAMILIES = (("kontext", "flux_kontext"), ("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("qwen-image-edit", "qwen_image_edit"), ("qwen-image", "qwen_image"),
-                      ("wan2.1", "wan"), ("wan-ai", "wan"))
+_HUB_NAME_FAMILIES = (("kontext", "flux_kontext"), ("flux", "flux"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"),
+                      ("qwen-image-edit-2509", "qwen_image_edit_plus"), ("qwen-image-edit-plus", "qwen_image_edit_plus"),
+                      ("qwen-image-edit", "qwen_image_edit"), ("qwen-image", "qwen_image"), ("wan2.1", "wan"),
+                      ("wan-ai", "wan"))
 """Hub ids say their family in their name (first match wins): ``Qwen/Qwen-Image``, ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``."""
 
 
@@ -51,7 +53,7 @@ def load_policy(model_name_or_path: str, family: str = "auto", **kwargs) -> Flow
 
 
 __all__ = [
-    "POLICY_CLASSES", "FlowPolicy", "FluxKontextPolicy", "FluxPolicy", "PromptEmbeds", "QwenImageEditPolicy",
+    "POLICY_CLASSES", "FlowPolicy", "FluxKontextPolicy", "FluxPolicy", "PromptEmbeds", "QwenImageEditPlusPolicy", "QwenImageEditPolicy",
     "QwenImagePolicy", "SD3Policy", "WanPolicy",
     "infer_family", "load_policy",
 ]

@@ -267,7 +267,7 @@ class FlowPolicy:
             if images is None or len(images) != len(prompts) or not all(images):
                 raise ValueError(f"{self.family} edits images: every prompt needs its source image (an edit record's "
                                  "`image`; see README, Image editing)")
-            keys = list(zip(prompts, images))
+            keys = [(p, tuple(i) if isinstance(i, list) else i) for p, i in zip(prompts, images)]
         else:
             keys = list(prompts)
         missing = sorted(set(keys) - self._embed_cache.keys(), key=str)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import QwenImageEditPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
 from ..editing import load_source_image
@@ -42,32 +42,50 @@ class QwenImageEditPolicy(QwenImagePolicy):
         height, width = self.condition_size
         return height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2
 
-    def _encode_edits(self, prompts: tuple[str, ...], images: tuple[str, ...]) -> PromptEmbeds:
+    def _encode_edits(self, prompts: tuple[str, ...], images: tuple) -> PromptEmbeds:
         """Per (instruction, image): the prompt and the negative prompt encoded by the VL model with the image, and
         the image's packed latents."""
-        from PIL import Image
-
-        pipeline = self.pipeline
-        height, width = self.condition_size
         rows = []
-        for prompt, path in zip(prompts, images):
-            pixels = load_source_image(path, self.resolution, self.width)  # the output's aspect ratio first
-            picture = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-            conditioned = pipeline.image_processor.resize(picture, height, width)
+        for prompt, paths in zip(prompts, images):
+            pictures = [self._source_picture(path) for path in ((paths,) if isinstance(paths, str) else paths)]
             tensors = {}
             for text, (embeds_name, mask_name) in ((prompt, ("prompt_embeds", PROMPT_MASK)),
                                                    (self.negative_prompt, (NEGATIVE, NEGATIVE_MASK))):
-                embeds, mask = pipeline.encode_prompt(image=conditioned, prompt=[text], device=self.device,
-                                                      max_sequence_length=self.max_sequence_length)
+                embeds, mask = self.pipeline.encode_prompt(image=self._encoder_images(pictures), prompt=[text],
+                                                           device=self.device,
+                                                           max_sequence_length=self.max_sequence_length)
                 if mask is None:
                     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
                 tensors[embeds_name], tensors[mask_name] = embeds, mask
-            vae_input = pipeline.image_processor.preprocess(conditioned, height, width).unsqueeze(2)
-            latents = pipeline._encode_vae_image(vae_input.to(self.device, pipeline.vae.dtype), generator=None)
-            channels, grid_h, grid_w = latents.shape[1], *latents.shape[3:]
-            tensors[IMAGE_LATENTS] = pipeline._pack_latents(latents, 1, channels, grid_h, grid_w)
+            tensors[IMAGE_LATENTS] = torch.cat([self._source_latents(picture) for picture in pictures], dim=1)
             rows.append(PromptEmbeds(tensors))
         return PromptEmbeds.cat(rows)
+
+    def _source_picture(self, path: str):
+        """The source as a PIL image at the output's aspect ratio (resized to the output size)."""
+        from PIL import Image
+
+        pixels = load_source_image(path, self.resolution, self.width)
+        return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+    def _encoder_images(self, pictures: list):
+        """What the VL encoder sees: the pipeline's resize to the condition size (one image)."""
+        height, width = self.condition_size
+        return self.pipeline.image_processor.resize(pictures[0], height, width)
+
+    def _source_latents(self, picture) -> torch.Tensor:
+        """Packed, normalised VAE latents ``[1, tokens, 4·C]`` of one source: the pipeline encodes the image it
+        resized for the VL encoder."""
+        height, width = self.condition_size
+        return self._vae_latents(self.pipeline.image_processor.resize(picture, height, width))
+
+    def _vae_latents(self, picture) -> torch.Tensor:
+        pipeline = self.pipeline
+        height, width = self.condition_size
+        vae_input = pipeline.image_processor.preprocess(picture, height, width).unsqueeze(2)
+        latents = pipeline._encode_vae_image(vae_input.to(self.device, pipeline.vae.dtype), generator=None)
+        channels, grid_h, grid_w = latents.shape[1], *latents.shape[3:]
+        return pipeline._pack_latents(latents, 1, channels, grid_h, grid_w)
 
     def _unconditional_embeds(self, embeds: PromptEmbeds) -> PromptEmbeds:
         tensors = embeds.tensors
@@ -78,9 +96,28 @@ class QwenImageEditPolicy(QwenImagePolicy):
         inputs = super()._transformer_inputs(latents, sigmas, embeds)
         source = embeds.tensors[IMAGE_LATENTS].to(inputs["hidden_states"].dtype)
         inputs["hidden_states"] = torch.cat([inputs["hidden_states"], source], dim=1)
-        inputs["img_shapes"] = [[(1, *self.token_grid), (1, *self.condition_grid)]] * len(latents)
+        sources = source.shape[1] // math.prod(self.condition_grid)  # source images per row (Plus: several)
+        inputs["img_shapes"] = [[(1, *self.token_grid), *[(1, *self.condition_grid)] * sources]] * len(latents)
         return inputs
 
     def _forward(self, model: torch.nn.Module, **inputs) -> torch.Tensor:
         """The prediction for the target tokens (the source image's come after them)."""
         return super()._forward(model, **inputs)[:, : math.prod(self.token_grid)]
+
+
+class QwenImageEditPlusPolicy(QwenImageEditPolicy):
+    """Qwen-Image-Edit-Plus (``QwenImageEditPlusPipeline``): one to several source images per instruction (an edit
+    record's ``image`` may be a list), the VL encoder seeing each at 384² pixels and the transformer their latents at
+    ``condition_area`` (the pipeline's 1024²) pixels, appended in order."""
+
+    family = "qwen_image_edit_plus"
+    pipeline_class = QwenImageEditPlusPipeline
+    encoder_area = 384 * 384
+    """Pixels of each source image as the VL encoder sees it (the pipeline's ``CONDITION_IMAGE_SIZE``)."""
+
+    def _encoder_images(self, pictures: list):
+        width, height, _ = calculate_dimensions(self.encoder_area, self.width / self.resolution)
+        return [self.pipeline.image_processor.resize(picture, height, width) for picture in pictures]
+
+    def _source_latents(self, picture) -> torch.Tensor:
+        return self._vae_latents(picture)  # the pipeline encodes the source itself, not the VL encoder's copy
