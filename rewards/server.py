@@ -15,6 +15,10 @@ Limits (arguments of :class:`RewardServer`, flags of the command):
   and scoring hold about 15 bytes per pixel (8-bit RGB, then float32), so about 1 GiB for a full request.
 - ``read_timeout`` (default 30 s): a client that sends nothing for that long within its headers or body
   gets 408 (before its request line, the connection is closed unanswered, as ``http.server`` does).
+- ``max_connections`` (``--max-connections``, default 16): connections served at once, each on its own thread; one
+  more is answered 503 (``Retry-After: 1``) at once, without a thread, and closed. Memory is bounded by this times the
+  body limit, plus one request's decoding; the ``remote`` client retries 503 with backoff and, when its retries run
+  out, fails the step with an error (a refused batch is never scored 0).
 
 Every answer but 200 is JSON ``{"error": message}``, and the server keeps serving after any of them:
 
@@ -24,7 +28,7 @@ Every answer but 200 is JSON ``{"error": message}``, and the server keeps servin
 - 411: no Content-Length (chunked bodies are not supported); 413: body or pixels over a limit;
   414, 431: request line or headers too long;
 - 500: only the reward's fault (it raised, or did not return one number per image) or a bug of the server;
-- 501: unsupported method; 505: unsupported HTTP version.
+- 501: unsupported method; 503: ``max_connections`` are being served; 505: unsupported HTTP version.
 
 An answer sent before the whole body is read (401, 404, 408, 411, 413, ...) closes the connection; the server
 first drains what the client still sends, bounded by 4x the body limit and ``read_timeout`` seconds, so that
@@ -67,6 +71,8 @@ DEFAULT_MAX_REQUEST_MB = 64.0
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_REQUEST_PIXELS = 64 * 2**20
 DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 16
+_BUSY_ANSWER_TIMEOUT = 2.0  # seconds the accepting thread spends writing a 503 to a client before dropping it
 MAX_JSON_DEPTH = 64
 # after an early answer, read and drop up to this many times the body limit so that the client reads it
 _DRAIN_FACTOR = 4
@@ -194,6 +200,7 @@ class RewardServer(ThreadingHTTPServer):
             pixels in one image, or in all images of a request, get 413 before anything is decoded.
         read_timeout (float, default 30): seconds a client may send nothing within a request (after its
             request line) before it gets 408.
+        max_connections (int, default 16): connections served at once; more are answered 503 and closed.
 
     Raises ``OSError`` when it cannot listen on ``host:port``.
     """
@@ -211,9 +218,15 @@ class RewardServer(ThreadingHTTPServer):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ):
-        if min(max_request_bytes, max_image_pixels, max_request_pixels, read_timeout) <= 0:
+        if min(max_request_bytes, max_image_pixels, max_request_pixels, read_timeout, max_connections) <= 0:
             raise ValueError("the server's limits and read_timeout must be positive")
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.busy_refusals = 0  # connections answered 503
+        self.peak_connections, self._active = 0, 0
+        self._active_lock = threading.Lock()
         self._jobs = queue.SimpleQueue()  # before binding: a failed bind calls server_close
         super().__init__((host, port), _RewardHandler)
         self.reward, self.reward_name, self.token = reward, name, token
@@ -225,6 +238,33 @@ class RewardServer(ThreadingHTTPServer):
             self.reward_signature = inspect.signature(reward)
         except (TypeError, ValueError):  # some callables have none: then metadata goes unchecked
             self.reward_signature = None
+
+    def process_request(self, request, client_address):
+        """A thread for the connection while fewer than ``max_connections`` are served; else 503 and close."""
+        if not self._slots.acquire(blocking=False):
+            self.busy_refusals += 1
+            _answer_busy(request, self.max_connections)
+            self.shutdown_request(request)
+            return
+        with self._active_lock:
+            self._active += 1
+            self.peak_connections = max(self.peak_connections, self._active)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+        self._slots.release()
 
     @property
     def url(self) -> str:
@@ -297,6 +337,18 @@ class RewardServer(ThreadingHTTPServer):
             logger.info("connection from %s dropped", client_address[0])
         else:
             logger.exception("error on the connection from %s", client_address[0])
+
+
+def _answer_busy(connection: socket.socket, limit: int) -> None:
+    """503 in JSON, written by the accepting thread with a short timeout (a client that does not read is dropped)."""
+    body = json.dumps({"error": f"the server is serving its limit of {limit} connections; retry shortly"}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        connection.settimeout(_BUSY_ANSWER_TIMEOUT)
+        connection.sendall(head + body)
+    except OSError:
+        pass
 
 
 class _RewardHandler(BaseHTTPRequestHandler):
@@ -494,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_READ_TIMEOUT:g})",
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"connections served at once; more get 503 (default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
         "--reward-kwargs", default="{}", help="JSON object of the reward's constructor arguments"
     )
     return parser
@@ -503,7 +561,7 @@ def _checked_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace
     """Refuse flags the server cannot work with (exit 2, one line); return the reward's keyword arguments."""
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0 to 65535, not {args.port}")
-    for flag in ("max_request_mb", "max_image_pixels", "max_request_pixels", "read_timeout"):
+    for flag in ("max_request_mb", "max_image_pixels", "max_request_pixels", "read_timeout", "max_connections"):
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{flag.replace('_', '-')} must be a positive number, not {value:g}")
@@ -550,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=args.max_image_pixels,
             max_request_pixels=args.max_request_pixels,
             read_timeout=args.read_timeout,
+            max_connections=args.max_connections,
         )
     except OSError as err:
         parser.error(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")

@@ -148,6 +148,54 @@ def test_edit_rewards_get_the_source_images_through_the_server():
             get_reward("remote", url=server.url, retries=0)(outputs, ["a", "b", "c"], source_images=sources)
 
 
+def _stalled_client(server, announced=100_000):
+    """A client that sends its headers and a first slice of the body, then nothing."""
+    client = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+    client.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: {announced}\r\n\r\n{{".encode())
+    return client
+
+
+def test_a_load_of_clients_is_served_within_the_connection_limit_and_nothing_is_lost():
+    """64 clients at once and 4 that stall mid-body, against 8 connections: the stalled ones get 408 and free their
+    slots, the others are refused (503) or served, retry, and every batch ends scored exactly as locally."""
+    brightness = get_reward("brightness")
+
+    def slow_brightness(images, prompts):
+        time.sleep(0.01)
+        return brightness(images, prompts)
+
+    batches = [quantized_images(2, seed=i) for i in range(64)]
+    with serving(slow_brightness, max_connections=8, read_timeout=0.5) as server:
+        stalled = [_stalled_client(server) for _ in range(4)]
+        results = [None] * len(batches)
+
+        def call(index):
+            remote = get_reward("remote", url=server.url, retries=20, retry_wait=0.05, timeout=30)
+            results[index] = remote(batches[index], ["p", "p"])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        answers = [client.recv(4096) for client in stalled]
+        for client in stalled:
+            client.close()
+        assert server.peak_connections <= 8 and server.busy_refusals > 0
+    assert all(b"408" in answer.split(b"\r\n")[0] for answer in answers)
+    for batch, result in zip(batches, results):
+        assert result == brightness(batch, ["p", "p"])
+
+
+def test_a_client_refused_past_its_retries_fails_loudly():
+    with serving(get_reward("brightness"), "brightness", max_connections=1, read_timeout=5) as server:
+        holder = _stalled_client(server)
+        time.sleep(0.2)  # the one slot is taken
+        with pytest.raises(RemoteRewardError, match="HTTP 503: the server is serving its limit of 1 connections"):
+            get_reward("remote", url=server.url, retries=2, retry_wait=0.01)(quantized_images(1), ["p"])
+        holder.close()
+
+
 def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving():
     images = quantized_images(2)
     good = score_body(images, ["a", "b"])
