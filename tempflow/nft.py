@@ -92,7 +92,7 @@ class OldPolicy:
     iteration as θ_old ← d·θ_old + (1 − d)·θ. Swapping it in exchanges tensor storage with the live weights (no
     copy), for forward passes without gradient; FSDP gathers its weights from buffers of its own, so sharded
     weights are exchanged by value instead (``swap_by_copy``, one weight's shard of scratch memory at a time).
-    Registered with accelerate, so checkpoints keep it (under FSDP each process saves its slice)."""
+    Checkpoints keep its weights (``tempflow.state_files``; under FSDP each process its slice)."""
 
     def __init__(self, parameters: list[torch.nn.Parameter], swap_by_copy: bool = False):
         self.parameters = parameters
@@ -124,15 +124,6 @@ class OldPolicy:
     def soft_update(self, decay: float) -> None:
         for parameter, old in zip(self.parameters, self.weights):
             old.mul_(decay).add_(parameter.detach().to(old.dtype), alpha=1 - decay)
-
-    def state_dict(self) -> dict:
-        return {f"weight.{k}": w for k, w in enumerate(self.weights)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state) != len(self.weights):
-            raise ValueError(f"old-policy state has {len(state)} tensors; this run trains {len(self.weights)}")
-        for k, old in enumerate(self.weights):
-            old.copy_(state[f"weight.{k}"])
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Weights and checkpoints of a training run: LoRA or full-transformer export (gathered under ZeRO-3 and FSDP),
 accelerate checkpoints written atomically with the trainer's state and a manifest, LoRA-only checkpoint hooks, the
-per-process shards of the EMA and old policy under FSDP, and exact resume (DeepSpeed's partial-checkpoint options
-included)."""
+EMA, old policy and RNG states as safetensors instead of accelerate's pickles (per process under FSDP), and exact
+resume (DeepSpeed's partial-checkpoint options included)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from .run_directory import (
     prune_checkpoints,
     write_manifest,
 )
-from .sharding import load_shard, save_shard, save_whole_model
+from .sharding import save_whole_model
+from .state_files import load_rng_state, load_tensors, save_rng_state, save_tensors
 
 
 class CheckpointMixin:
@@ -77,8 +78,11 @@ class CheckpointMixin:
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(temporary), **self._deepspeed_checkpoint_kwargs(save=True))
-        for name, (tensors, scalars) in self._sharded_states().items():
-            save_shard(temporary, name, self.accelerator.process_index, tensors, scalars)
+        rank = self.accelerator.process_index
+        save_rng_state(temporary, rank)
+        if self.sharded or self.accelerator.is_main_process:  # sharded: every process its slices
+            for name, (tensors, scalars) in self._trainer_states().items():
+                save_tensors(temporary, name, rank if self.sharded else 0, tensors, scalars)
         self.accelerator.wait_for_everyone()  # every process has written its part before the rename
         if self.accelerator.is_main_process:
             state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
@@ -94,11 +98,9 @@ class CheckpointMixin:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _sharded_states(self) -> dict[str, tuple[list, dict]]:
-        """Under FSDP: the states kept beside the model on each process's shards (EMA, old policy), as (tensors,
-        scalars), which every process checkpoints itself; accelerate checkpoints them otherwise."""
-        if not self.sharded:
-            return {}
+    def _trainer_states(self) -> dict[str, tuple[list, dict]]:
+        """What the trainer keeps beside the model (EMA, old policy), as (tensors, scalars), checkpointed without
+        pickle (:mod:`tempflow.state_files`): under FSDP each process's slices, else the main process's copy."""
         states = {}
         if self.ema is not None:
             states["ema"] = (self.ema.shadow_params, {"optimization_step": self.ema.optimization_step})
@@ -136,8 +138,10 @@ class CheckpointMixin:
             return
         path = Path(chosen[0])
         self.accelerator.load_state(str(path), **self._deepspeed_checkpoint_kwargs(save=False))
-        for name, (tensors, _) in self._sharded_states().items():
-            scalars = load_shard(path, name, self.accelerator.process_index, tensors)
+        rank = self.accelerator.process_index
+        load_rng_state(path, rank)
+        for name, (tensors, _) in self._trainer_states().items():
+            scalars = load_tensors(path, name, rank if self.sharded else 0, tensors)
             if name == "ema":
                 self.ema.optimization_step = scalars["optimization_step"]
         state = json.loads((path / TRAINER_STATE).read_text())

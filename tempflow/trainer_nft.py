@@ -24,9 +24,7 @@ class DiffusionNFTMixin:
         if self.deepspeed_zero_stage == 3:
             raise ValueError("diffusion_nft is not supported with DeepSpeed ZeRO-3: its old policy swaps whole "
                              "weights in for the rollout, which ZeRO-3 shards; use ZeRO-2 or DDP")
-        self.old_policy = OldPolicy(self.trainable, swap_by_copy=self.sharded)
-        if not self.sharded:  # sharded: each process checkpoints its slice (trainer_checkpoints)
-            self.accelerator.register_for_checkpointing(self.old_policy)
+        self.old_policy = OldPolicy(self.trainable, swap_by_copy=self.sharded)  # checkpointed by trainer_checkpoints
 
     def _nft_rollout(self, embeds, num_prompts: int, on_finished) -> RolloutBatch:
         """G ODE samples per prompt from the old policy (the official scripts sample with their "old" adapter),

@@ -223,9 +223,7 @@ class SetupMixin:
         if config.use_ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self._ema_inputs(), decay=config.ema_decay)
-            if not self.sharded:  # sharded: each process checkpoints its slice (trainer_checkpoints)
-                self.accelerator.register_for_checkpointing(self.ema)
+            self.ema = EMAModel(self._ema_inputs(), decay=config.ema_decay)  # checkpointed by trainer_checkpoints
         self._build_old_policy()
         if config.use_lora:
             self.accelerator.register_save_state_pre_hook(self._save_lora_hook)

@@ -184,8 +184,8 @@ def test_fsdp2_diffusion_nft_resumes_its_sharded_old_policy(tiny_sd3_dir, nft_dd
     stopped after one iteration and resumed ends where two DDP iterations do."""
     out = tmp_path / "nft-fsdp"
     _launch(FSDP2_LAUNCH, _nft_args(tiny_sd3_dir, out, "--max_steps", "1"), _fsdp_env())
-    shards = out / "checkpoint-1" / "sharded_state" / "old_policy"
-    assert sorted(p.name for p in shards.iterdir()) == ["shard-0.safetensors", "shard-1.safetensors"]
+    shards = out / "checkpoint-1" / "tensor_state" / "old_policy"
+    assert sorted(p.name for p in shards.iterdir()) == ["part-0.safetensors", "part-1.safetensors"]
     _launch(FSDP2_LAUNCH, _nft_args(tiny_sd3_dir, out, "--max_steps", "2", "--resume_from_checkpoint", "latest"),
             _fsdp_env())
     history = json.loads((out / "metrics.json").read_text())["history"]
@@ -204,8 +204,8 @@ def test_fsdp2_full_fine_tuning_with_kl_and_ema_exports_the_weights_of_ddp(tiny_
     extra = ["--use_lora", "false", "--beta", "0.01", "--use_ema", "true", "--ema_update_interval", "1",
              "--gradient_checkpointing", "true", "--learning_rate", "1e-4", "--eval_prompts", "none", "--max_steps", "1"]
     _launch(FSDP2_LAUNCH, _train_args(tiny_sd3_dir, tmp_path / "fsdp", *extra), _fsdp_env())
-    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-1" / "sharded_state" / "ema").iterdir()) == [
-        "shard-0.safetensors", "shard-1.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-1" / "tensor_state" / "ema").iterdir()) == [
+        "part-0.safetensors", "part-1.safetensors"]
     _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
              "--dynamo_backend", "no"], _train_args(tiny_sd3_dir, tmp_path / "ddp", *extra),
             {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
@@ -296,7 +296,8 @@ def test_two_machines_on_one_host_train_as_one_job(tiny_sd3_dir, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 + 2  # two iterations, two evaluations
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
         files = sorted(p.name for p in (out / checkpoint).iterdir())
-        assert [f for f in files if f.startswith("random_states")] == ["random_states_0.pkl", "random_states_1.pkl"]
+        assert [f for f in files if f.startswith("rng_state")] == ["rng_state_0.safetensors", "rng_state_1.safetensors"]
+        assert not [f for f in files if f.endswith(".pkl")]  # nothing pickled
         assert files.count("manifest.json") == 1 and files.count("trainer_state.json") == 1
     assert not list(out.glob(".tmp-*"))  # no half-written checkpoint left
 

@@ -169,6 +169,9 @@ def test_resume_ends_with_the_same_weights(tiny_sd3_dir, tmp_path):
     resumed = tmp_path / "resumed"
     _trainer(_config(tiny_sd3_dir, resumed, max_steps=2, use_ema=True)).train()
     assert complete_checkpoints(resumed)[-1].name == "checkpoint-2"
+    # the trainer's own state (EMA, RNG) as safetensors and JSON: nothing in the checkpoint to unpickle
+    assert not list((resumed / "checkpoint-2").rglob("*.pkl"))
+    assert (resumed / "checkpoint-2" / "tensor_state" / "ema" / "part-0.safetensors").is_file()
     (resumed / ".tmp-checkpoint-3").mkdir()  # a checkpoint interrupted mid-write is ignored
     summary = _trainer(_config(tiny_sd3_dir, resumed, max_steps=3, use_ema=True, resume_from_checkpoint="latest")).train()
     assert summary["iterations"] == 3 and len(summary["history"]) == 3
