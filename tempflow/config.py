@@ -730,10 +730,14 @@ def _check_recipe(recipe: str) -> None:
         raise FileNotFoundError(f"recipe {recipe!r} does not exist" if not path.exists() else f"recipe {recipe!r} is not a file")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe {recipe!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at position "
+                         f"{err.start})") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f", line {where.line + 1}" if where else ""
-        raise ValueError(f"recipe {recipe!r}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line, whatever YAML says
+        raise ValueError(f"recipe {recipe!r}{line}: not valid YAML ({problem})") from None
     if not isinstance(values, dict):
         raise ValueError(f"recipe {recipe!r} must be a mapping of config fields to values")
     for key in values:

@@ -23,7 +23,12 @@ def load_prompts(source: str) -> list[dict]:
         return registered()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source!r} does not exist")
-    lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {source!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at position "
+                         f"{err.start})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:
         raise ValueError(f"prompt file {source!r} holds no prompts")
