@@ -7,10 +7,12 @@
     tempflow serve-reward NAME [--port P] [--token T]  run a reward behind HTTP (the `remote` reward calls it)
     tempflow check-recipe RECIPE.yaml                  compare a recipe with the official run it reproduces
     tempflow plan RECIPE.yaml --gpus N --gpu-memory G  memory per GPU under DDP / ZeRO-2 / ZeRO-3 / FSDP2
+    tempflow report OUTPUT_DIR                         an HTML page of a run: proxy vs gold, diversity, KL, guards
 
-Exit codes: 0 done; 1 check-recipe found an unstated difference, or plan found no layout that fits; 2 bad input (a clear one-line message, nothing written); 3 training diverged (too many
-non-finite steps); 128+N stopped by signal N after writing a checkpoint (resume with
-``--resume_from_checkpoint latest``).
+Exit codes: 0 done; 1 check-recipe found an unstated difference, or plan found no layout that fits; 2 bad input
+(a clear one-line message, nothing written); 3 training diverged (too many non-finite steps) or a guard stopped it
+(reward hacking, diversity collapse; a checkpoint was written); 128+N stopped by signal N after writing a checkpoint
+(resume with ``--resume_from_checkpoint latest``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def train(recipe: str | None, overrides: list[str]) -> dict:
     if summary["interrupted_by"]:
         print(f"stopped by {summary['interrupted_by']} after {summary['iterations']} iterations; checkpoint saved "
               f"in {config.output_dir} (resume with --resume_from_checkpoint latest)")
+        return summary
+    if summary["stopped_by_guard"]:
         return summary
     final = summary.get("final", {})
     print(f"done: {summary['iterations']} iterations; outputs in {config.output_dir}")
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="tempflow",
         description="RL fine-tuning of flow-matching text-to-image and text-to-video models (SD3/SD3.5, FLUX.1, "
         "Qwen-Image, Wan 2.1).",
-        epilog="exit codes: 0 done, 2 bad input, 3 training diverged, 128+N stopped by signal N (checkpoint saved)",
+        epilog="exit codes: 0 done, 2 bad input, 3 training diverged or stopped by a guard, 128+N stopped by signal N "
+        "(checkpoint saved)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser(
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check-recipe", help="compare a recipe with the official run it reproduces (see --help)",
                         add_help=False)
     commands.add_parser("plan", help="memory per GPU of a recipe under each layout (see --help)", add_help=False)
+    commands.add_parser("report", help="an HTML page of a run's curves, samples and guards (see --help)",
+                        add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -255,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         from .memory_plan import main as plan_memory
 
         return plan_memory(argv[1:])
+    if argv[:1] == ["report"]:
+        from .report import main as report
+
+        return report(argv[1:])
     if argv[:1] == ["train"] and {"-h", "--help"} & set(argv):
         train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
         train_parser.print_help()
@@ -267,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(args.recipe, overrides)
             if summary["interrupted_by"]:
                 return EXIT_INTERRUPTED + int(getattr(signal, summary["interrupted_by"]))
+            if summary["stopped_by_guard"]:
+                event = summary["stopped_by_guard"]
+                print(f"tempflow: training stopped by guard {event['guard']} at iteration {event['iteration']}: "
+                      f"{event['message']}; checkpoint saved (tempflow report OUTPUT_DIR shows the curves)",
+                      file=sys.stderr)
+                return EXIT_TRAINING_FAILED
         elif args.command == "eval":
             evaluate(args)
         elif args.command == "sample":

@@ -37,6 +37,7 @@ SDE_TYPES = ("sde", "cps")
 ADVANTAGE_GROUPS = ("seed", "prompt")
 SCALE_REWARDS = ("group", "batch", "none")
 REWARD_ERROR_POLICIES = ("raise", "skip")
+GUARD_ACTIONS = ("stop", "warn")
 LORA_INITS = ("gaussian", "default")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 KL_NORMALIZATIONS = ("step_variance", "noise_scale")
@@ -155,6 +156,27 @@ class TempFlowGRPOConfig:
     )
     reward_timeout: float | None = _help(
         "Seconds a reward may take for one batch; a slower one is handled by reward_error_policy.", default=None
+    )
+    gold_reward_funcs: list[str] = _help(
+        "Held-out *gold* rewards, scored only at evaluation and never trained on (their weighted mean is eval/gold): "
+        "what guard_gold_drop holds the training reward against, to catch a proxy being gamed.",
+        default_factory=list,
+    )
+    gold_reward_weights: list[float] | None = _help("Weights of gold_reward_funcs (default: equal).", default=None)
+    guard_gold_drop: float | None = _help(
+        "Guard: at an evaluation, the gold score has fallen more than this (and more than twice the standard error of "
+        "the difference, so that evaluation noise never fires it) below its best so far while the training reward on "
+        "the evaluation prompts rose above its value then (reward hacking). Needs gold_reward_funcs; null: off.",
+        default=0.05,
+    )
+    guard_diversity_fraction: float | None = _help(
+        "Guard: within-group diversity of the rollouts (mean pairwise distance of a group's samples) over the last 3 "
+        "iterations has fallen below this fraction of the first 3 iterations'. null: off.",
+        default=0.25,
+    )
+    guard_action: str = _help(
+        f"What a guard that fires does: stop (checkpoint, then end the run, exit 3) or warn. One of {GUARD_ACTIONS}.",
+        default="stop",
     )
     reward_error_policy: str = _help(
         "When a reward raises, times out or returns NaN/None: `raise` (stop with the reward's name) or `skip` (leave the "
@@ -473,6 +495,13 @@ class TempFlowGRPOConfig:
         one_of("advantage_group", ADVANTAGE_GROUPS)
         one_of("scale_rewards", SCALE_REWARDS)
         one_of("reward_error_policy", REWARD_ERROR_POLICIES)
+        one_of("guard_action", GUARD_ACTIONS)
+        if self.gold_reward_weights is not None and len(self.gold_reward_weights) != len(self.gold_reward_funcs):
+            reject("gold_reward_weights", f"needs one weight per gold reward ({len(self.gold_reward_funcs)})")
+        if self.guard_gold_drop is not None and self.guard_gold_drop < 0:
+            reject("guard_gold_drop", "must be non-negative")
+        if self.guard_diversity_fraction is not None and not 0 < self.guard_diversity_fraction < 1:
+            reject("guard_diversity_fraction", "must lie in (0, 1)")
         one_of("lora_init", LORA_INITS)
         one_of("lr_scheduler_type", LR_SCHEDULER_TYPES)
         one_of("kl_normalization", KL_NORMALIZATIONS)
@@ -555,7 +584,8 @@ class TempFlowGRPOConfig:
             reject("reward_funcs", "needs at least one reward")
         if not isinstance(self.reward_kwargs, dict) or not all(isinstance(v, dict) for v in self.reward_kwargs.values()):
             reject("reward_kwargs", "must map reward names to dicts of constructor arguments")
-        stray = sorted(set(self.reward_kwargs) - set(self.reward_funcs) - set(self.eval_reward_funcs))
+        stray = sorted(set(self.reward_kwargs) - set(self.reward_funcs) - set(self.eval_reward_funcs)
+                       - set(self.gold_reward_funcs))
         if stray:
             reject("reward_kwargs", f"names rewards that are not used: {stray}")
         if self.reward_frames is not None:

@@ -14,12 +14,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .evaluation import score_images
+from .guards import thumbnails
 from .policies import FlowPolicy
 
 
 class StreamingScorer:
     """Collects finished samples (``add``), decodes them in chunks of ``chunk_size`` and scores each chunk on a
-    worker thread; ``results`` waits for all and returns the total reward and its components by sample."""
+    worker thread; ``results`` waits for all and returns the total reward and its components by sample. It also
+    keeps a thumbnail of every decoded sample (:attr:`thumbnails` after ``results``: ``[samples, 3·32·32]``, for the
+    diversity monitor of :mod:`tempflow.guards`)."""
 
     def __init__(self, policy: FlowPolicy, reward, records: list[dict], chunk_size: int):
         self.policy = policy
@@ -28,6 +31,8 @@ class StreamingScorer:
         self.chunk_size = chunk_size
         self._pending: list[tuple[int, int, torch.Tensor]] = []
         self._scored: list[tuple[list[int], Future]] = []
+        self._thumbnails: list[tuple[list[int], torch.Tensor]] = []
+        self.thumbnails: torch.Tensor | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tempflow-reward")
 
     def add(self, sample_index: list[int], prompt_index: list[int], latents: torch.Tensor) -> None:
@@ -39,6 +44,7 @@ class StreamingScorer:
     def _submit(self, chunk) -> None:
         sample_index = [s for s, _, _ in chunk]
         images = self.policy.decode(torch.cat([latent for _, _, latent in chunk]))
+        self._thumbnails.append((sample_index, thumbnails(images)))
         records = [self.records[p] for _, p, _ in chunk]
         self._scored.append((sample_index, self._executor.submit(score_images, self.reward, images, records)))
 
@@ -48,6 +54,10 @@ class StreamingScorer:
             self._pending = []
         total = torch.full((num_samples,), math.nan)
         components: dict[str, torch.Tensor] = {}
+        if self._thumbnails:
+            self.thumbnails = torch.full((num_samples, self._thumbnails[0][1].shape[1]), math.nan, dtype=torch.float16)
+            for sample_index, small in self._thumbnails:
+                self.thumbnails[sample_index] = small
         try:
             for sample_index, future in self._scored:
                 chunk_total, chunk_components = future.result()

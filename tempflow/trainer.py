@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import TempFlowGRPOConfig
 from .errors import NonFiniteTrainingError
+from .guards import GuardEvent, Guards, GuardWarning, group_diversity
 from .plots import plot_reward_curve
 from .policies import FlowPolicy
 from .rollout import RolloutEngine
@@ -102,6 +104,10 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         self.consecutive_skipped_steps = 0
         self.optimizer_steps = 0
         self._stop_signal: int | None = None
+        self.guards = Guards(config.guard_gold_drop if config.gold_reward_funcs else None,
+                             config.guard_diversity_fraction, config.guard_action)
+        self._guard_stop: GuardEvent | None = None
+        self._kl_probe = None  # a few rows of the last rollout, for the KL-to-reference monitor at evaluation
         self._start_run_directory()
 
     def training_step(self) -> dict:
@@ -113,7 +119,9 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         with self.accelerator.autocast():  # the same precision as the log-prob recomputation, or ratio ≠ 1
             rollout = self.rollout(prompts, on_finished=scorer.add)
         rewards, components = scorer.results(len(rollout.final_latents))
+        diversity = math.nan if scorer.thumbnails is None else group_diversity(scorer.thumbnails, rollout.sample_group)
         self.compute_advantages(rollout, rewards)
+        self._keep_kl_probe(rollout)
         rollout_time = time.perf_counter() - start
         self.policy.transformer.train()
         metrics = self.optimize(rollout)
@@ -131,6 +139,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
             "rollout/seconds": rollout_time,
             "iteration/seconds": time.perf_counter() - start,
             "images_per_second": len(rollout.final_latents) / rollout_time,
+            "monitor/diversity": self._global_mean(torch.tensor([diversity])),
         })
         for name, values in components.items():
             metrics[f"reward/{name}"] = self._global_mean(values)
@@ -154,6 +163,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
                 self.history.append(metrics)
                 self.iteration += 1
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('train/approx_kl', math.nan):.2e}")
+                self._guard(self.guards.check_iteration(self.iteration, metrics["monitor/diversity"]), metrics)
                 if self.iteration % config.logging_steps == 0:
                     self._log(metrics)
                 if self._stop_requested():
@@ -161,6 +171,9 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
                     return self._write_summary({}, interrupted_by=self._stop_signal)
                 if config.eval_steps and self.iteration % config.eval_steps == 0 and self.iteration < config.max_steps:
                     self._record_evaluation(self.evaluate(f"iteration-{self.iteration}"))
+                if self._guard_stop is not None:
+                    self.save_checkpoint()
+                    return self._write_summary({})
                 if self.iteration % config.save_steps == 0 or self.iteration == config.max_steps:
                     self.save_checkpoint()
         final = self.evaluate("after") if self.eval_prompts else {}
@@ -168,6 +181,18 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
             self._record_evaluation(final)
         self.save_model(config.output_dir)
         return self._write_summary(final)
+
+    def _guard(self, event: GuardEvent | None, metrics: dict) -> None:
+        """Record a guard that fired (``guard/{name}`` in the metrics, a warning) and, with ``guard_action: stop``,
+        end the run after this iteration. Every process sees the same global means, so all decide alike."""
+        if event is None:
+            return
+        metrics[f"guard/{event.guard}"] = 1.0
+        if self.accelerator.is_main_process:
+            warnings.warn(f"guard {event.guard} (iteration {event.iteration}): {event.message}", GuardWarning,
+                          stacklevel=2)
+        if event.action == "stop" and self._guard_stop is None:
+            self._guard_stop = event
 
     @contextlib.contextmanager
     def _checkpoint_on_signals(self):
@@ -217,6 +242,8 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
             "attention_auto": None if self.attention_decision is None else asdict(self.attention_decision),
             "evaluations": self.evaluations,
             "final": final,
+            "guards": self.guards.events,
+            "stopped_by_guard": None if self._guard_stop is None else asdict(self._guard_stop),
             "history": self.history,
         }
         if self.accelerator.is_main_process:

@@ -88,7 +88,8 @@ class CheckpointMixin:
             state = {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
                      "optimizer_steps": self.optimizer_steps,
                      "consecutive_skipped_steps": self.consecutive_skipped_steps, "history": self.history,
-                     "evaluations": self.evaluations, "lr_scheduler": self.lr_scheduler.state_dict()}
+                     "evaluations": self.evaluations, "lr_scheduler": self.lr_scheduler.state_dict(),
+                     "guards": self.guards.state()}
             (temporary / TRAINER_STATE).write_text(json.dumps(state))
             write_manifest(temporary)
             if final.exists():
@@ -150,6 +151,7 @@ class CheckpointMixin:
         self.consecutive_skipped_steps = state["consecutive_skipped_steps"]
         self.history = state["history"]
         self.evaluations = state["evaluations"]
+        self.guards.load(state.get("guards", {}))
         if "lr_scheduler" in state:  # absent from checkpoints written before schedules existed (constant LR)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         # older checkpoints did not count optimizer steps; their scheduler did (one step per optimizer step)

@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 from .evaluation import sample_prompt_set, score_images, scores_by_task, worst_per_task
 from .plots import save_before_after_grid, save_image_grid
 from .prompts import task_labels
+from .sampling import step_kl
 from .video import frame_strips, is_video, save_video
 
 VIDEOS_PER_EVALUATION = 4
+KL_PROBE_ROWS = 16
 BEFORE_IMAGES = "before.safetensors"  # in samples/: the first evaluation's images, for the before/after grid
 
 
@@ -53,6 +55,11 @@ class EvaluateMixin:
         if self.eval_reward is not None:
             components.update(score_images(self.eval_reward, images, shard)[1])
         results = {"iteration": self.iteration, "eval/reward": self._global_mean(rewards)}
+        if self.gold_reward is not None:  # held out from training: what the guard against reward hacking watches
+            gold, gold_components = score_images(self.gold_reward, images, shard)
+            results["eval/gold"], results["eval/gold_se"] = self._global_mean_and_se(gold)
+            results.update({f"eval/gold/{name}": self._global_mean(v) for name, v in gold_components.items()})
+        results.update(self._kl_to_reference())
         results.update({f"eval/{name}": self._global_mean(values) for name, values in components.items()})
         results.update(self._scores_by_task(components, rank, world))
         if self.accelerator.is_main_process:
@@ -68,6 +75,29 @@ class EvaluateMixin:
             elif tag == "after":
                 self._save_before_after_grid(images, positions, samples_dir)
         return results
+
+    def _keep_kl_probe(self, rollout) -> None:
+        """Keep a few of the rollout's training rows (GRPO's transitions) for :meth:`_kl_to_reference`."""
+        rows = rollout.transitions
+        if self.config.algorithm == "diffusion_nft" or not (self.config.use_lora or self.policy._frozen_reference):
+            return
+        self._kl_probe = (rows.select(torch.arange(min(KL_PROBE_ROWS, len(rows)))), rollout.embeds)
+
+    def _kl_to_reference(self) -> dict:
+        """``monitor/kl_to_reference``: the mean per-step KL between the current policy's and the reference's step
+        distributions on a few rows of the last rollout (the exact Gaussian KL of the loss's term, in its
+        kl_normalization), measured whether or not the loss has a KL term; empty before the first rollout."""
+        if self._kl_probe is None:
+            return {}
+        rows, embeds = self._kl_probe
+        device = self.accelerator.device
+        with self._ema_weights(), self.accelerator.autocast():
+            current = self.rescore(rows, embeds, self.model)
+            with self.policy.reference() as reference:
+                reference_mean = self.rescore(rows, embeds, reference).mean
+        kl_std = self.step.kl_std(current, rows.sigmas.to(device), rows.sigmas_next.to(device),
+                                  self.config.kl_normalization)
+        return {"monitor/kl_to_reference": self._global_mean(step_kl(current.mean, reference_mean, kl_std))}
 
     def _headline_eval_reward(self) -> str | None:
         """The evaluation reward that picks the before/after prompts and the reward curve's per-task panel: the last
@@ -134,6 +164,22 @@ class EvaluateMixin:
         totals = self.accelerator.reduce(totals, reduction="sum")
         return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
 
+    def _global_mean_and_se(self, values: torch.Tensor) -> tuple[float, float]:
+        """Mean of the finite values over all processes and its standard error (every process must call)."""
+        values = values.to(self.accelerator.device).float()
+        finite = torch.isfinite(values)
+        kept = torch.where(finite, values, torch.zeros_like(values))
+        totals = self.accelerator.reduce(torch.stack([kept.sum(), (kept**2).sum(), finite.sum().float()]),
+                                         reduction="sum")
+        total, squares, count = (float(t) for t in totals)
+        if count == 0:
+            return math.nan, math.nan
+        mean = total / count
+        variance = max(squares / count - mean**2, 0.0) * count / max(count - 1, 1)
+        return mean, math.sqrt(variance / count)
+
     def _record_evaluation(self, results: dict) -> None:
+        self._guard(self.guards.check_evaluation(results["iteration"], results.get("eval/gold"),
+                                                 results.get("eval/reward"), results.get("eval/gold_se")), results)
         self.evaluations.append(results)
         self._log(results)

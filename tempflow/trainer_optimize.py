@@ -161,10 +161,16 @@ class OptimizeMixin:
         if self.consecutive_skipped_steps >= limit:
             raise NonFiniteTrainingError(
                 f"{limit} optimizer steps in a row had non-finite gradients (iteration {self.iteration}); "
-                "lower the learning rate, check the rewards, or resume from an earlier checkpoint"
+                f"lower the learning rate, check the rewards, or resume from {self._last_checkpoint_named()}"
             )
         warnings.warn(f"skipped an optimizer step with non-finite gradients (iteration {self.iteration})",
                       stacklevel=2)
+
+    def _last_checkpoint_named(self) -> str:
+        from .run_directory import complete_checkpoints
+
+        checkpoints = complete_checkpoints(self.config.output_dir)
+        return f"the last good checkpoint, {checkpoints[-1]}" if checkpoints else "the start (no checkpoint yet)"
 
     def _rank_weight_divergence(self) -> float:
         """Spread across processes of a fingerprint of the trainable weights: 0 while ranks stay in sync."""

@@ -102,6 +102,10 @@ class SetupMixin:
         if config.eval_reward_funcs:
             self.eval_reward = CombinedReward.from_names(config.eval_reward_funcs, kwargs=config.reward_kwargs,
                                                          frames=config.reward_frames)
+        self.gold_reward = None
+        if config.gold_reward_funcs:
+            self.gold_reward = CombinedReward.from_names(config.gold_reward_funcs, config.gold_reward_weights,
+                                                         kwargs=config.reward_kwargs, frames=config.reward_frames)
 
     def _warn_on_process_count(self) -> None:
         """A recipe's per-process sizes give its global batch only on the process count they were derived for."""

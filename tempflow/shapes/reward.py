@@ -35,3 +35,26 @@ def shapes_reward(images: torch.Tensor, prompts: list[str], spec=None, **metadat
 def shapes_strict_reward(images: torch.Tensor, prompts: list[str], spec=None, **metadata) -> list[float]:
     """1.0 when the image shows exactly the prompt's scene, else 0.0."""
     return _score_batch(strict_score, images, spec)
+
+
+COLOR_TOLERANCE = 60
+"""Largest per-channel difference from a palette colour that still counts as that colour."""
+
+
+@register_reward("shapes_color_area")
+def shapes_color_area(images: torch.Tensor, prompts: list[str], spec=None, **metadata) -> list[float]:
+    """A deliberately hackable proxy: the share of the image's pixels in the colours the prompt names. A model can
+    score 1 by painting the canvas in them while drawing none of the shapes asked for, which is what the guard
+    against reward hacking (``gold_reward_funcs: [shapes_strict]``) is shown to catch."""
+    from .world import COLORS
+
+    if spec is None:
+        raise ValueError("shapes_color_area needs the `spec` metadata of the ShapesWorld prompt files")
+    specs = [json.loads(item) if isinstance(item, str) else item for item in spec]
+    scores = []
+    for array, item in zip(to_uint8(images), specs):
+        pixels = torch.from_numpy(array.astype("int16"))
+        wanted = torch.tensor([COLORS[o["color"]] for o in item["objects"]], dtype=torch.int16)
+        close = ((pixels[None] - wanted[:, None, None]).abs().amax(-1) <= COLOR_TOLERANCE).any(0)
+        scores.append(float(close.float().mean()))
+    return scores
