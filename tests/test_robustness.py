@@ -104,6 +104,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sd3_dir, tmp_path, 
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))
 
     poisoned["left"] = 10**6
-    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row"), pytest.warns(UserWarning):
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row") as stop, pytest.warns(UserWarning):
         for _ in range(5):
             trainer.training_step()
+    assert "resume from the start (no checkpoint yet)" in str(stop.value)
+    trainer.save_checkpoint()
+    poisoned["left"] = 10**6
+    with pytest.raises(NonFiniteTrainingError, match="the last good checkpoint, .*checkpoint-0"):
+        trainer.training_step()
