@@ -57,11 +57,14 @@ class CombinedReward:
         if len(scores) != len(prompts):
             raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(prompts)} images")
         values = torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32)
-        bad = (~torch.isfinite(values)).sum().item()
-        if bad:
+        unscored = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if unscored:
+            which = "; ".join(repr(prompts[i]) for i in unscored[:3]) + ("; ..." if len(unscored) > 3 else "")
             if self.error_policy == "raise":
-                raise RewardError(f"reward {name!r} returned {bad} None/NaN/inf score(s) of {len(scores)}")
-            warnings.warn(f"reward {name!r} could not score {bad} sample(s); they are skipped", stacklevel=2)
+                raise RewardError(f"reward {name!r} returned {len(unscored)} None/NaN/inf score(s) of {len(scores)} "
+                                  f"(prompts: {which})")
+            warnings.warn(f"reward {name!r} could not score {len(unscored)} sample(s), skipped (prompts: {which})",
+                          stacklevel=2)
             values[~torch.isfinite(values)] = math.nan
         return values
 

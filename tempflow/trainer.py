@@ -113,7 +113,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
     def training_step(self) -> dict:
         """One iteration: rollout, decode and score, advantages, optimizer steps. Returns its metrics."""
         start = time.perf_counter()
-        prompts = self._sample_prompts()
+        prompts = self.iteration_prompts = self._sample_prompts()
         self.policy.transformer.eval()
         scorer = StreamingScorer(self.policy, self.reward, prompts, self.policy.decode_batch_size)
         with self.accelerator.autocast():  # the same precision as the log-prob recomputation, or ratio ≠ 1

@@ -163,8 +163,9 @@ class OptimizeMixin:
                 f"{limit} optimizer steps in a row had non-finite gradients (iteration {self.iteration}); "
                 f"lower the learning rate, check the rewards, or resume from {self._last_checkpoint_named()}"
             )
-        warnings.warn(f"skipped an optimizer step with non-finite gradients (iteration {self.iteration})",
-                      stacklevel=2)
+        prompts = "; ".join(repr(r["prompt"]) for r in getattr(self, "iteration_prompts", [])[:3])
+        warnings.warn(f"skipped an optimizer step with non-finite gradients (iteration {self.iteration}; its "
+                      f"rollout's prompts: {prompts or 'unknown'})", stacklevel=2)
 
     def _last_checkpoint_named(self) -> str:
         from .run_directory import complete_checkpoints
