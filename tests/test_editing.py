@@ -35,6 +35,26 @@ def _images(directory, count=2, size=64):
     return paths
 
 
+def _ode_sample(policy, noise, embeds, steps):
+    sigmas, latents = policy.sigma_schedule(steps), noise
+    with torch.no_grad():
+        for i in range(steps):
+            sigma, next_sigma = sigmas[i].expand(len(noise)), sigmas[i + 1].expand(len(noise))
+            latents = ode_step(latents, policy.velocity(latents, sigma, embeds), sigma, next_sigma).next_latents
+    return latents
+
+
+def _first_inner_step_stats(trainer) -> dict:
+    """The loss statistics of the first inner step on a fresh rollout: its ratio must be 1."""
+    rollout = trainer.rollout(trainer._sample_prompts())
+    trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
+    with torch.no_grad():
+        _, stats = trainer.compute_loss(rollout.transitions, rollout.embeds)
+    assert stats["ratio_min"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["ratio_max"].item() == pytest.approx(1.0, abs=1e-5)
+    return stats
+
+
 def _edit_file(directory, rows) -> str:
     path = directory / "edits.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -75,12 +95,8 @@ def test_flux_kontext_ode_sampling_matches_pipeline(tiny_flux_kontext_dir, tmp_p
     assert isinstance(policy, FluxKontextPolicy)
     paths = [str(p) for p in _images(tmp_path)]
     noise = torch.cat([policy.initial_noise(torch.Generator().manual_seed(s)) for s in range(2)])
-    sigmas, latents = policy.sigma_schedule(4), noise
     embeds = policy.encode_prompts(INSTRUCTIONS, paths)
-    with torch.no_grad():
-        for i in range(4):
-            sigma, next_sigma = sigmas[i].expand(2), sigmas[i + 1].expand(2)
-            latents = ode_step(latents, policy.velocity(latents, sigma, embeds), sigma, next_sigma).next_latents
+    latents = _ode_sample(policy, noise, embeds, 4)
     pipe = FluxKontextPipeline.from_pretrained(tiny_flux_kontext_dir)
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(image=[Image.open(p).convert("RGB") for p in paths], prompt=INSTRUCTIONS, latents=noise,
@@ -89,7 +105,7 @@ def test_flux_kontext_ode_sampling_matches_pipeline(tiny_flux_kontext_dir, tmp_p
     torch.testing.assert_close(latents, reference, atol=1e-4, rtol=1e-4)
     # the source conditions the edit: another source image, another result
     other = policy.encode_prompts(INSTRUCTIONS, paths[::-1])
-    sigma = sigmas[0].expand(2)
+    sigma = policy.sigma_schedule(4)[0].expand(2)
     assert (policy.velocity(noise, sigma, other) - policy.velocity(noise, sigma, embeds)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="flux_kontext edits images: every prompt needs its source image"):
         policy.encode_prompts(INSTRUCTIONS)
@@ -142,13 +158,7 @@ def test_edit_training_starts_on_policy_and_rewards_see_the_source_images(tiny_f
 
     trainer = TempFlowGRPOTrainer(_config(tiny_flux_kontext_dir, tmp_path), train_prompts=records,
                                   reward_funcs={"closer_to_source": closer_to_source})
-    rollout = trainer.rollout(trainer._sample_prompts())
-    trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
-    with torch.no_grad():
-        _, stats = trainer.compute_loss(rollout.transitions, rollout.embeds)
-    assert stats["ratio_min"].item() == pytest.approx(1.0, abs=1e-5)
-    assert stats["ratio_max"].item() == pytest.approx(1.0, abs=1e-5)
-    assert stats["kl"].item() == pytest.approx(0.0, abs=1e-8)
+    assert _first_inner_step_stats(trainer)["kl"].item() == pytest.approx(0.0, abs=1e-8)
 
     metrics = trainer.training_step()
     assert np.isfinite(metrics["reward/mean"]) and metrics["train/optimizer_steps"] >= 1
@@ -176,12 +186,7 @@ def test_qwen_image_edit_ode_sampling_matches_pipeline(tiny_qwen_image_edit_dir,
     assert isinstance(policy, QwenImageEditPolicy) and policy.condition_size == (1024, 1024)
     paths = [str(p) for p in _images(tmp_path)]
     noise = torch.cat([policy.initial_noise(torch.Generator().manual_seed(s)) for s in range(2)])
-    sigmas, latents = policy.sigma_schedule(2), noise
-    embeds = policy.encode_prompts(INSTRUCTIONS, paths)
-    with torch.no_grad():
-        for i in range(2):
-            sigma, next_sigma = sigmas[i].expand(2), sigmas[i + 1].expand(2)
-            latents = ode_step(latents, policy.velocity(latents, sigma, embeds), sigma, next_sigma).next_latents
+    latents = _ode_sample(policy, noise, policy.encode_prompts(INSTRUCTIONS, paths), 2)
     pipe = QwenImageEditPipeline.from_pretrained(tiny_qwen_image_edit_dir)
     pipe.set_progress_bar_config(disable=True)
     guidance = dict(negative_prompt=" ", true_cfg_scale=cfg_scale) if cfg_scale > 1 else {}
@@ -199,12 +204,7 @@ def test_qwen_image_edit_training_starts_on_policy(tiny_qwen_image_edit_dir, tin
                      noise_level=0.7)
     trainer = TempFlowGRPOTrainer(config, train_prompts=records)
     assert trainer.policy.condition_size == (64, 64)
-    rollout = trainer.rollout(trainer._sample_prompts())
-    trainer.compute_advantages(rollout, torch.randn(len(rollout.final_latents)))
-    with torch.no_grad():
-        _, stats = trainer.compute_loss(rollout.transitions, rollout.embeds)
-    assert stats["ratio_min"].item() == pytest.approx(1.0, abs=1e-5)
-    assert stats["ratio_max"].item() == pytest.approx(1.0, abs=1e-5)
+    _first_inner_step_stats(trainer)
     with pytest.raises(ValueError, match="the flux_kontext family takes no source image area"):
         TempFlowGRPOTrainer(_config(tiny_flux_kontext_dir, tmp_path / "kontext", edit_condition_area=4096),
                             train_prompts=records)
@@ -222,12 +222,7 @@ def test_qwen_image_edit_plus_takes_several_sources_as_its_pipeline(tiny_qwen_im
     record = load_prompts(source)[0]
     assert record["image"] == [first, second]
     noise = policy.initial_noise(torch.Generator().manual_seed(0))
-    sigmas, latents = policy.sigma_schedule(2), noise
-    embeds = policy.encode_records([record])
-    with torch.no_grad():
-        for i in range(2):
-            sigma, next_sigma = sigmas[i].expand(1), sigmas[i + 1].expand(1)
-            latents = ode_step(latents, policy.velocity(latents, sigma, embeds), sigma, next_sigma).next_latents
+    latents = _ode_sample(policy, noise, policy.encode_records([record]), 2)
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_qwen_image_edit_plus_dir)
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(image=[Image.open(p).convert("RGB") for p in (first, second)], prompt=INSTRUCTIONS[0],
