@@ -72,7 +72,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_REQUEST_PIXELS = 64 * 2**20
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 16
-_BUSY_ANSWER_TIMEOUT = 2.0  # seconds the accepting thread spends writing a 503 to a client before dropping it
+_BUSY_ANSWER_TIMEOUT = 2.0  # seconds the refusing thread spends on one client (writing the 503, reading its request)
+_REFUSALS_QUEUED = 64  # connections waiting for their 503; past this they are closed unanswered
 MAX_JSON_DEPTH = 64
 # after an early answer, read and drop up to this many times the body limit so that the client reads it
 _DRAIN_FACTOR = 4
@@ -228,12 +229,15 @@ class RewardServer(ThreadingHTTPServer):
         self.peak_connections, self._active = 0, 0
         self._active_lock = threading.Lock()
         self._jobs = queue.SimpleQueue()  # before binding: a failed bind calls server_close
+        self._refusals = queue.Queue(maxsize=_REFUSALS_QUEUED)
         super().__init__((host, port), _RewardHandler)
         self.reward, self.reward_name, self.token = reward, name, token
         self.max_request_bytes, self.read_timeout = max_request_bytes, read_timeout
         self.max_image_pixels, self.max_request_pixels = max_image_pixels, max_request_pixels
         self.scoring_thread = threading.Thread(target=self._run_jobs, name=f"score {name}", daemon=True)
         self.scoring_thread.start()
+        self._refusing_thread = threading.Thread(target=self._run_refusals, name=f"refuse {name}", daemon=True)
+        self._refusing_thread.start()
         try:
             self.reward_signature = inspect.signature(reward)
         except (TypeError, ValueError):  # some callables have none: then metadata goes unchecked
@@ -243,8 +247,10 @@ class RewardServer(ThreadingHTTPServer):
         """A thread for the connection while fewer than ``max_connections`` are served; else 503 and close."""
         if not self._slots.acquire(blocking=False):
             self.busy_refusals += 1
-            _answer_busy(request, self.max_connections)
-            self.shutdown_request(request)
+            try:
+                self._refusals.put_nowait(request)
+            except queue.Full:
+                self.shutdown_request(request)
             return
         with self._active_lock:
             self._active += 1
@@ -304,9 +310,16 @@ class RewardServer(ThreadingHTTPServer):
                 future.set_exception(err)
             del item, future, job  # do not hold a request's images until the next one arrives
 
+    def _run_refusals(self) -> None:
+        """One thread answers every refused connection, so that a slow client never holds up ``accept``."""
+        while (connection := self._refusals.get()) is not None:
+            _answer_busy(connection, self.max_connections, self.max_request_bytes)
+            self.shutdown_request(connection)
+
     def server_close(self):
         super().server_close()
         self._jobs.put(None)
+        self._refusals.put(None)
 
     def _check_metadata(self, metadata: dict) -> None:
         """A reward given keywords it does not take raises TypeError: a 500 for the request's fault."""
@@ -339,14 +352,27 @@ class RewardServer(ThreadingHTTPServer):
             logger.exception("error on the connection from %s", client_address[0])
 
 
-def _answer_busy(connection: socket.socket, limit: int) -> None:
-    """503 in JSON, written by the accepting thread with a short timeout (a client that does not read is dropped)."""
+def _answer_busy(connection: socket.socket, limit: int, max_request_bytes: int) -> None:
+    """503 in JSON, then read and drop the client's request until it hangs up.
+
+    Closing a socket with the request still arriving resets the connection, and the client sees a broken
+    pipe instead of the 503; so half-close after the answer and read what comes, within a deadline.
+    """
     body = json.dumps({"error": f"the server is serving its limit of {limit} connections; retry shortly"}).encode()
     head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    deadline = time.monotonic() + _BUSY_ANSWER_TIMEOUT
     try:
         connection.settimeout(_BUSY_ANSWER_TIMEOUT)
         connection.sendall(head + body)
+        connection.shutdown(socket.SHUT_WR)
+        unread = _DRAIN_FACTOR * max_request_bytes
+        while unread > 0 and (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            chunk = connection.recv(min(unread, 1 << 16))
+            if not chunk:
+                break
+            unread -= len(chunk)
     except OSError:
         pass
 
