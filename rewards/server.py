@@ -319,6 +319,13 @@ class RewardServer(ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self._jobs.put(None)
+        while True:  # close the connections still waiting for their 503, so that the stop signal fits the queue
+            try:
+                connection = self._refusals.get_nowait()
+            except queue.Empty:
+                break
+            if connection is not None:  # (None: the stop signal of an earlier call)
+                self.shutdown_request(connection)
         self._refusals.put(None)
 
     def _check_metadata(self, metadata: dict) -> None:
