@@ -16,7 +16,8 @@ Limits (arguments of :class:`RewardServer`, flags of the command):
 - ``read_timeout`` (default 30 s): a client that sends nothing for that long within its headers or body
   gets 408 (before its request line, the connection is closed unanswered, as ``http.server`` does).
 - ``max_connections`` (``--max-connections``, default 16): connections served at once, each on its own thread; one
-  more is answered 503 (``Retry-After: 1``) at once, without a thread, and closed. Memory is bounded by this times the
+  more is answered 503 (``Retry-After: 1``) by a single refusing thread, which reads and drops its request (closing
+  with the request still arriving would reset the connection and hide the 503) and closes it. Memory is bounded by this times the
   body limit, plus one request's decoding; the ``remote`` client retries 503 with backoff and, when its retries run
   out, fails the step with an error (a refused batch is never scored 0).
 
