@@ -31,6 +31,8 @@ def main(out: str) -> None:
     rollout = SimpleNamespace(transitions=rows, sample_group=torch.tensor(GROUPS))
     Probe(accelerator).compute_advantages(rollout, torch.tensor(REWARDS[rank]))
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows.advantages.tolist()))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # a process group left to exit teardown can abort there (SIGABRT seen in CI)
 
 
 if __name__ == "__main__":
