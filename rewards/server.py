@@ -361,28 +361,38 @@ class RewardServer(ThreadingHTTPServer):
 
 
 def _answer_busy(connection: socket.socket, limit: int, max_request_bytes: int) -> None:
-    """503 in JSON, then read and drop the client's request until it hangs up.
-
-    Closing a socket with the request still arriving resets the connection, and the client sees a broken
-    pipe instead of the 503; so half-close after the answer and read what comes, within a deadline.
-    """
+    """503 in JSON, then a lingering close, so that the client sees the 503 rather than a reset (broken pipe)."""
     body = json.dumps({"error": f"the server is serving its limit of {limit} connections; retry shortly"}).encode()
     head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
-    deadline = time.monotonic() + _BUSY_ANSWER_TIMEOUT
+    start = time.monotonic()
     try:
         connection.settimeout(_BUSY_ANSWER_TIMEOUT)
         connection.sendall(head + body)
-        connection.shutdown(socket.SHUT_WR)
-        unread = _DRAIN_FACTOR * max_request_bytes
-        while unread > 0 and (left := deadline - time.monotonic()) > 0:
-            connection.settimeout(left)
-            chunk = connection.recv(min(unread, 1 << 16))
-            if not chunk:
-                break
-            unread -= len(chunk)
     except OSError:
-        pass
+        return
+    left = _BUSY_ANSWER_TIMEOUT - (time.monotonic() - start)  # one deadline for the answer and the lingering
+    linger(connection, connection.recv, _DRAIN_FACTOR * max_request_bytes, left)
+
+
+def linger(connection: socket.socket, read, budget: int, seconds: float) -> None:
+    """Lingering close after answering early: stop sending, then read (``read(n)``) and drop what the client still
+    sends, up to ``budget`` bytes and ``seconds``, because closing with unread data resets the connection, and a
+    reset can discard our answer before a client that is still writing its request reads it."""
+    try:
+        connection.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    deadline = time.monotonic() + seconds
+    while budget > 0 and (left := deadline - time.monotonic()) > 0:
+        try:
+            connection.settimeout(left)
+            chunk = read(min(budget, 1 << 16))
+        except OSError:  # a timeout, a reset, or a socket that timed out before
+            return
+        if not chunk:
+            return
+        budget -= len(chunk)
 
 
 class _RewardHandler(BaseHTTPRequestHandler):
@@ -492,25 +502,10 @@ class _RewardHandler(BaseHTTPRequestHandler):
         self._drain(self._unread)
 
     def _drain(self, unread: int | None) -> None:
-        """Lingering close after answering early: stop sending, then read and drop what the client still sends
-        (bounded in bytes and time), because closing with unread data resets the connection, and a reset can
-        discard our answer before a client that is still writing its body reads it."""
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
+        """Lingering close (:func:`linger`) through ``rfile``, which may hold part of the body already."""
         budget = _DRAIN_FACTOR * self.server.max_request_bytes
         budget = budget if unread is None else min(unread, budget)
-        deadline = time.monotonic() + self.server.read_timeout
-        while budget > 0 and (left := deadline - time.monotonic()) > 0:
-            try:
-                self.connection.settimeout(left)
-                chunk = self.rfile.read1(min(budget, 1 << 16))
-            except OSError:  # a timeout, a reset, or a socket that timed out before
-                return
-            if not chunk:
-                return
-            budget -= len(chunk)
+        linger(self.connection, self.rfile.read1, budget, self.server.read_timeout)
 
     def _reply(self, status: int, payload: dict, close: bool = False) -> None:
         if self.request_version == "HTTP/0.9":  # a garbled or HTTP/0.9 request line: still send a status line
