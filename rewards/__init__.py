@@ -34,6 +34,7 @@ _BUILTIN_MODULES = (
     "tempflow.rewards.edit_clip",
     "tempflow.rewards.aesthetic",
     "tempflow.rewards.ocr",
+    "tempflow.rewards.geneval",
     "tempflow.rewards.remote",
 )
 

@@ -35,8 +35,9 @@ class OpenClipSimilarity:
             raise ValueError(
                 f"{type(self).__name__}: give `pretrained` (a tag or a weights file) for {model_name!r}"
             )
+        tag = None if weights_file else pretrained
         model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=None if weights_file else pretrained
+            model_name, pretrained=tag, force_quick_gelu=_tag_needs_quick_gelu(open_clip, model_name, tag)
         )
         if weights_file:
             model.load_state_dict(load_state_dict_file(weights_file))
@@ -49,6 +50,12 @@ class OpenClipSimilarity:
         image_embeds = self.model.encode_image(pixels, normalize=True)
         text_embeds = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
         return (image_embeds * text_embeds).sum(dim=-1).float().cpu().tolist()
+
+
+def _tag_needs_quick_gelu(open_clip, model_name: str, tag: str | None) -> bool:
+    """Whether the weights of ``tag`` were trained with QuickGELU (OpenAI's CLIPs): open-clip 3 builds ``ViT-L-14``
+    with plain GELU and only warns when such weights are loaded into it, which shifts every embedding."""
+    return bool(tag and open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
 
 
 @register_reward("clip_score")

@@ -210,6 +210,26 @@ def test_clip_score_loads_a_local_weights_file(open_clip_model, images):
     assert reward(images, PROMPTS) == scores
 
 
+def test_openai_clip_tags_are_built_with_the_quick_gelu_they_were_trained_with(monkeypatch):
+    """open-clip 3 builds ``ViT-L-14`` with plain GELU and only warns when OpenAI's QuickGELU weights are loaded into
+    it; the edit rewards' and GenEval's colour model (``ViT-L-14`` / ``openai``) must ask for QuickGELU."""
+    import open_clip
+
+    calls = []
+
+    def record(model_name, pretrained=None, force_quick_gelu=False, **kwargs):
+        calls.append((model_name, pretrained, force_quick_gelu))
+        raise RuntimeError("stop before any download")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", record)
+    for name, kwargs in [("edit_consistency", {}), ("clip_score", {}), ("clip_score", {"model_name": "ViT-B-32",
+                                                                                         "pretrained": "openai"})]:
+        with pytest.raises(RuntimeError, match="stop before"):
+            get_reward(name, **kwargs)
+    assert calls == [("ViT-L-14", "openai", True), ("ViT-H-14", "laion2b_s32b_b79k", False),
+                     ("ViT-B-32", "openai", True)]
+
+
 def test_edit_rewards_compare_the_output_with_its_source(open_clip_model, images):
     directory, model = open_clip_model
     weights = dict(model_name="tempflow-tiny-clip", pretrained=str(directory / "clip.safetensors"))
