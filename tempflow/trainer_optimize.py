@@ -1,6 +1,7 @@
 """The optimisation stage of an iteration: the clipped GRPO loss (with the KL term) of a micro-batch of rows, and
-``num_iterations`` passes over the rollout's rows in micro-batches with gradient accumulation, clipping, skipped
-non-finite steps, the learning-rate schedule, the EMA and DeepSpeed's engine step."""
+``num_iterations`` passes over the rollout's rows in micro-batches with gradient accumulation (each optimizer step's
+loss a mean over the counted rows of all processes), clipping, skipped non-finite steps, the learning-rate schedule,
+the EMA and DeepSpeed's engine step."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class StepTally:
     grad_norms: list[float] = field(default_factory=list)
     step_log_ratios: list[float] = field(default_factory=list)
     """|log-ratio| of each optimizer step's rows: how far the updates moved the policy."""
+    counted_rows: float = 0.0
+    rows: float = 0.0
+    """Rows the loss means counted, and all rows, summed over the optimizer steps and every process."""
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for key, value in stats.items():
@@ -71,8 +75,8 @@ class OptimizeMixin:
 
     def optimize(self, batch: RolloutBatch) -> dict:
         """``num_iterations`` passes over the rollout's rows in micro-batches; one optimizer step per
-        ``gradient_accumulation_steps`` micro-batches (each step's gradient is the mean over its rows; the last
-        step of a pass may have fewer micro-batches)."""
+        ``gradient_accumulation_steps`` micro-batches (each step's gradient is the mean over its counted rows on
+        every process; the last step of a pass may have fewer micro-batches)."""
         config = self.config
         rows, embeds = batch.transitions, batch.embeds
         tally = StepTally(learning_rate=self.optimizer.param_groups[0]["lr"])
@@ -88,14 +92,19 @@ class OptimizeMixin:
         return metrics
 
     def _accumulate(self, rows: Transitions, embeds, micro_batches: tuple[torch.Tensor, ...], tally: StepTally) -> None:
-        """The gradient of one optimizer step: the loss mean over the step's counted rows, micro-batch by micro-batch.
+        """The gradient of one optimizer step: the loss mean over the step's counted rows of every process,
+        micro-batch by micro-batch. Each process multiplies its rows' summed loss by the number of processes whose
+        gradients the backend averages and divides it by the counted rows of all processes, so once the gradients are
+        averaged the step's gradient is the sum over every counted row divided by their count, whatever the layout of
+        the global batch (a process whose prompts had no reward spread does not shrink the step).
 
         Under DeepSpeed, accelerate's ``backward`` runs the engine's step (clipping, optimizer step, zeroing) when
         ``sync_gradients`` is set, so it is set on the step's last micro-batch only; the loss is already scaled by
         the exact row share, so DeepSpeed must not divide it by its accumulation steps again (``scale_wrt_gas``)."""
         backward_kwargs = {"scale_wrt_gas": False} if self.deepspeed_zero_stage is not None else {}
         step_rows = sum(len(index) for index in micro_batches)
-        counted_rows = max(float(sum(rows.loss_mask[index].sum() for index in micro_batches)), 1.0)
+        counted_rows = max(self._global_counted_rows(rows, micro_batches, tally), 1.0)
+        averaged_processes = self._gradient_averaging_processes()
         step_log_ratio = 0.0
         for k, index in enumerate(micro_batches):
             sync = k == len(micro_batches) - 1
@@ -103,11 +112,31 @@ class OptimizeMixin:
             with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)), \
                     self.accelerator.autocast():
                 loss, stats = self.compute_loss(rows.select(index), embeds)
-                self.accelerator.backward(loss * len(index) / counted_rows, **backward_kwargs)
+                self.accelerator.backward(loss * len(index) * averaged_processes / counted_rows, **backward_kwargs)
             tally.add(stats)
             if "abs_log_ratio" in stats:  # GRPO's ratio (DiffusionNFT has none)
                 step_log_ratio += float(stats["abs_log_ratio"]) * len(index) / step_rows
         tally.step_log_ratios.append(step_log_ratio)
+
+    def _global_counted_rows(self, rows: Transitions, micro_batches: tuple[torch.Tensor, ...], tally: StepTally) -> float:
+        """The optimizer step's counted rows summed over every process: one all-reduce, which every process joins
+        once per step (also one whose rows are all masked), so all take the step with the same count."""
+        local = [float(sum(rows.loss_mask[index].sum() for index in micro_batches)),
+                 float(sum(len(index) for index in micro_batches))]
+        local = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
+        counted_rows, step_rows = self.accelerator.reduce(local, "sum").tolist()
+        tally.counted_rows += counted_rows
+        tally.rows += step_rows
+        return counted_rows
+
+    def _gradient_averaging_processes(self) -> int:
+        """How many processes' gradients the backend averages: all of them (DDP's all-reduce, DeepSpeed's reduction
+        and FSDP2's reduce-scatter divide by the process count), or 1 under a DeepSpeed config that sums them
+        (``gradient_allreduce_op: sum``)."""
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None and not wrapped.engine.gradient_average:
+            return 1
+        return self.accelerator.num_processes
 
     def _apply_step(self, tally: StepTally) -> None:
         """Clip and take the optimizer step (under DeepSpeed the engine took it in ``backward``: the calls here are
@@ -145,6 +174,7 @@ class OptimizeMixin:
         metrics = {f"train/{k}": v / max(tally.micro_batches, 1) for k, v in tally.stats_sum.items()}
         metrics["train/grad_norm"] = float(np.mean(tally.grad_norms)) if tally.grad_norms else math.nan
         metrics["train/abs_log_ratio_last_step"] = tally.step_log_ratios[-1] if tally.step_log_ratios else math.nan
+        metrics["train/counted_row_fraction"] = tally.counted_rows / tally.rows if tally.rows else math.nan
         metrics["train/optimizer_steps"] = tally.optimizer_steps
         metrics["train/skipped_steps"] = self.skipped_steps
         metrics["train/learning_rate"] = tally.learning_rate
