@@ -39,6 +39,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 REWARD_ERROR_POLICIES = ("raise", "skip")
 GUARD_ACTIONS = ("stop", "warn")
 LORA_INITS = ("gaussian", "default")
+LORA_DTYPES = ("float32", "bfloat16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 KL_NORMALIZATIONS = ("step_variance", "noise_scale")
 LOSS_MEAN_OVER = ("all_rows", "nonzero_advantage_rows", "nonzero_advantage_child_slots")
@@ -119,11 +120,23 @@ class TempFlowGRPOConfig:
     lora_alpha: int = _help("LoRA alpha.", default=64)
     lora_init: str = _help("LoRA init (peft `init_lora_weights`): `gaussian` or `default`.", default="gaussian")
     lora_target_modules: list[str] | None = _help("Modules to adapt; default the model family's.", default=None)
+    lora_dtype: str = _help(
+        "dtype of the trained adapter weights (LoRA, and block-sparse gates): `float32` (default) or "
+        "`bfloat16` (the official TempFlow-GRPO FLUX script's: AdamW on bf16 weights, no float32 master "
+        "copy). Their gradients, AdamW state, EMA shadow, DiffusionNFT's old policy, checkpoints and "
+        "exported LoRA are in it too. bfloat16 keeps 8 significant bits: a change below half its spacing "
+        "(2^-9 to 2^-8 of a weight's magnitude) rounds away, so lr 3e-4 times a normalised AdamW step of "
+        "about 1 leaves a weight of magnitude 1 unchanged; small EMA and old-policy moves are lost alike. "
+        "LoRA only, with mixed_precision bf16 or no; refused under DeepSpeed, and FSDP with mixed "
+        "precision, which keep float32 master weights.",
+        default="float32",
+    )
 
     # --- data and rewards ---
     train_prompts: str = _help(
         "Prompt file: .txt (one prompt a line) or .jsonl (objects with a `prompt` key; other keys are passed "
-        "to rewards as metadata). `shapes:train` / `shapes:eval` name the ShapesWorld sets.",
+        "to rewards as metadata), or a named set: the official runs' `geneval:train`, `pickscore:train`, ... (fetched "
+        "and cached on first use: `tempflow prompts list`) or ShapesWorld's `shapes:train` / `shapes:eval`.",
         default="shapes:train",
     )
     eval_prompts: str | None = _help("Held-out prompt file (same formats); none disables evaluation.", default="shapes:eval")
@@ -187,7 +200,7 @@ class TempFlowGRPOConfig:
     # --- sampling ---
     num_inference_steps: int = _help("Denoising steps N of a training rollout.", default=10)
     eval_num_inference_steps: int = _help("ODE steps of evaluation sampling.", default=40)
-    noise_level: float = _help("SDE noise level a (0.7 for SD3.5, 0.9 for FLUX in the reference work).", default=0.7)
+    noise_level: float = _help("SDE noise level a (0.7: what TempFlow-GRPO's published SD3.5, FLUX and Qwen-Image code executes).", default=0.7)
     sde_type: str = _help("Stochastic step: `sde` (Flow-GRPO) or `cps` (coefficients-preserving).", default="sde")
     num_generations: int = _help(
         "G: images per prompt (flow_grpo, diffusion_nft) or SDE children per branch step (tempflow_grpo).", default=6
@@ -277,7 +290,9 @@ class TempFlowGRPOConfig:
         "`nonzero_advantage_child_slots` (branched rollouts): TempFlow-GRPO's train_sd3_pr.py keeps the k-th children "
         "of one ODE path at every branch step together as one sample and leaves them out only when all their "
         "advantages are zero. Rows stay in their micro-batches (masked), so every process takes the same optimizer "
-        "steps.",
+        "steps. The mean is over the counted rows of all processes (their count is summed once per optimizer step), "
+        "so a step does not depend on how the global batch is split over processes; `train/counted_row_fraction` logs "
+        "their share of all rows.",
         default="all_rows",
     )
 
@@ -503,6 +518,13 @@ class TempFlowGRPOConfig:
         if self.guard_diversity_fraction is not None and not 0 < self.guard_diversity_fraction < 1:
             reject("guard_diversity_fraction", "must lie in (0, 1)")
         one_of("lora_init", LORA_INITS)
+        one_of("lora_dtype", LORA_DTYPES)
+        if self.lora_dtype != "float32" and not self.use_lora:
+            reject("lora_dtype", "is for LoRA adapters (use_lora true); full fine-tuning trains the weights "
+                                 "as loaded")
+        if self.lora_dtype != "float32" and self.mixed_precision == "fp16":
+            reject("lora_dtype", "bfloat16 needs mixed_precision bf16 (the official FLUX setting) or no: "
+                                 "fp16 autocast would compute the bf16 adapter in fp16")
         one_of("lr_scheduler_type", LR_SCHEDULER_TYPES)
         one_of("kl_normalization", KL_NORMALIZATIONS)
         one_of("loss_mean_over", LOSS_MEAN_OVER)

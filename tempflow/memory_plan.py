@@ -89,6 +89,9 @@ def per_gpu(memory: ModelMemory, config: TempFlowGRPOConfig, layout: str, gpus: 
         return "ZeRO-3 runs full fine-tuning without EMA only (use_lora: false, use_ema: false)"
     if layout == "zero3" and config.algorithm == "diffusion_nft":
         return "ZeRO-3 cannot swap in DiffusionNFT's old policy"
+    float32_masters = layout == "zero2" or (layout == "fsdp2" and config.mixed_precision != "no")
+    if config.lora_dtype != "float32" and float32_masters:
+        return f"lora_dtype {config.lora_dtype}: this layout keeps float32 master weights (lora_dtype float32 runs)"
     n = gpus
     shard_weights = layout in ("zero3", "fsdp2")
     shard_states = layout in ("zero2", "zero3", "fsdp2")
@@ -208,7 +211,8 @@ def model_memory(config: TempFlowGRPOConfig) -> ModelMemory:
         torch.nn.Module.to(local_modules["vae"], dtype)
     policy = meta_policy(model, config, dtype, local_modules)
     if config.use_lora:
-        trainable = policy.add_lora(config.lora_r, config.lora_alpha, config.lora_init, config.lora_target_modules)
+        trainable = policy.add_lora(config.lora_r, config.lora_alpha, config.lora_init,
+                                    config.lora_target_modules, getattr(torch, config.lora_dtype))
     else:
         policy.transformer.requires_grad_(True)
         trainable = list(policy.transformer.parameters())

@@ -246,7 +246,8 @@ class SetupMixin:
     def _setup_trainable(self) -> list[torch.nn.Parameter]:
         config = self.config
         if config.use_lora:
-            trainable = self.policy.add_lora(config.lora_r, config.lora_alpha, config.lora_init, config.lora_target_modules)
+            trainable = self.policy.add_lora(config.lora_r, config.lora_alpha, config.lora_init,
+                                             config.lora_target_modules, getattr(torch, config.lora_dtype))
         else:
             if config.beta > 0:
                 self.policy.keep_frozen_reference()
@@ -272,6 +273,11 @@ class SetupMixin:
         config, plugin = self.config, self.accelerator.state.fsdp_plugin
         if plugin.fsdp_version != 2:
             raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
+        if config.lora_dtype != "float32" and config.mixed_precision != "no":
+            raise ValueError(f"config `lora_dtype`: {config.lora_dtype} cannot train under FSDP with "
+                             f"mixed_precision {config.mixed_precision}: accelerate upcasts the trained "
+                             "weights to float32 master copies there; use DDP, mixed_precision no, or "
+                             "lora_dtype float32")
         if config.compile_transformer:
             raise ValueError("compile_transformer is not supported with FSDP yet: turn compilation off, or use DDP or "
                              "DeepSpeed ZeRO-2")
@@ -314,6 +320,10 @@ class SetupMixin:
         config = self.config
         plugin = self.accelerator.state.deepspeed_plugin
         self.deepspeed_zero_stage = plugin.zero_stage
+        if config.lora_dtype != "float32":
+            raise ValueError(f"config `lora_dtype`: {config.lora_dtype} cannot train under DeepSpeed, "
+                             "whose ZeRO optimizer keeps float32 master weights (and under mixed_precision "
+                             "bf16 casts the adapter to bf16 itself); use DDP or lora_dtype float32")
         if plugin.zero_stage == 3:
             if config.use_lora or config.use_ema:
                 raise ValueError(

@@ -436,8 +436,11 @@ class FlowPolicy:
         return latents
 
     # --- LoRA and the KL reference ---------------------------------------------------------------------------
-    def add_lora(self, r: int, alpha: int, init: str = "gaussian", target_modules=None) -> list[torch.nn.Parameter]:
-        """Freeze the transformer and add a trainable LoRA adapter (peft); returns the trainable parameters."""
+    def add_lora(self, r: int, alpha: int, init: str = "gaussian", target_modules=None,
+                 dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+        """Freeze the transformer and add a trainable LoRA adapter (peft); returns the trainable parameters:
+        the adapter and, when installed, the block-sparse gates, in ``dtype`` whatever the frozen weights'
+        precision (their gradients and optimizer state follow it; ``lora_dtype``)."""
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
@@ -452,8 +455,8 @@ class FlowPolicy:
         for gate in self.block_sparse_gates().values():  # trained beside the adapter, saved with it
             gate.requires_grad_(True)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
-        for param in trainable:  # the optimizer state and updates of adapter weights stay in float32
-            param.data = param.data.float()
+        for param in trainable:
+            param.data = param.data.to(dtype)
         return trainable
 
     @property
