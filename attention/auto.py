@@ -4,7 +4,7 @@ only where a measurement on this GPU, at this shape, says the whole transformer 
 point: at image sizes attention is 10–20 % of a step, so most sparse settings cannot pay there (BENCHMARKS.md).
 
 A decision is measured once per GPU name × model family × batch × tokens × dtype × method and kept in a JSON file
-(``$TEMPFLOW_CACHE_DIR/attention_auto.json``, default ``~/.cache/tempflow``), so later runs read it. On the CPU there is
+(``attention_auto.json`` in tempflow's cache, :mod:`tempflow.cache`), so later runs read it. On the CPU there is
 nothing to measure that would predict a GPU: ``auto`` is dense there.
 """
 
@@ -47,8 +47,9 @@ class AutoDecision:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("TEMPFLOW_CACHE_DIR") or Path.home() / ".cache" / "tempflow"
-    return Path(root) / CACHE_FILE
+    from ..cache import cache_root
+
+    return cache_root() / CACHE_FILE
 
 
 def decide(key: str, method: str, measure: Callable[[], tuple[float, float]], path: Path | None = None) -> AutoDecision:

@@ -8,6 +8,7 @@
     tempflow check-recipe RECIPE.yaml                  compare a recipe with the official run it reproduces
     tempflow plan RECIPE.yaml --gpus N --gpu-memory G  memory per GPU under DDP / ZeRO-2 / ZeRO-3 / FSDP2
     tempflow report OUTPUT_DIR                         an HTML page of a run: proxy vs gold, diversity, KL, guards
+    tempflow prompts list | download NAME... | --all   the official prompt sets (geneval:train, ...) and their cache
 
 Exit codes: 0 done; 1 check-recipe found an unstated difference, or plan found no layout that fits; 2 bad input
 (a clear one-line message, nothing written); 3 training diverged (too many non-finite steps) or a guard stopped it
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: tempflow eval --lora outputs/shapes --rewards shapes shapes_strict",
     )
     _add_sampling_arguments(eval_parser)
-    eval_parser.add_argument("--prompts", default="shapes:eval", help="prompt file or shapes:eval (default)")
+    eval_parser.add_argument("--prompts", default="shapes:eval",
+                             help="prompt file, shapes:eval (default) or an official set (tempflow prompts list)")
     eval_parser.add_argument("--rewards", nargs="+", default=["shapes", "shapes_strict"], help="reward names")
     eval_parser.add_argument("--output", default="outputs/eval", help="output directory")
     eval_parser.add_argument("--samples-per-prompt", type=_positive_int, default=1, metavar="K",
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_sampling_arguments(sample_parser)
     sample_parser.add_argument("--prompt", nargs="+", help="prompt text(s)")
-    sample_parser.add_argument("--prompts", default="shapes:eval", help="prompt file, used without --prompt")
+    sample_parser.add_argument("--prompts", default="shapes:eval",
+                               help="prompt file or set (as eval's), used without --prompt")
     sample_parser.add_argument("--output", default="outputs/samples", help="output directory")
     sample_parser.add_argument("--video-format", choices=["webp", "gif", "mp4"], default="webp",
                                help="file format of video samples (default webp; mp4 needs tempflow[video])")
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("plan", help="memory per GPU of a recipe under each layout (see --help)", add_help=False)
     commands.add_parser("report", help="an HTML page of a run's curves, samples and guards (see --help)",
                         add_help=False)
+    commands.add_parser("prompts", help="list or download the official prompt sets (see --help)", add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -266,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report
 
         return report(argv[1:])
+    if argv[:1] == ["prompts"]:
+        from .prompt_sets import main as prompt_sets
+
+        return prompt_sets(argv[1:])
     if argv[:1] == ["train"] and {"-h", "--help"} & set(argv):
         train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
         train_parser.print_help()
