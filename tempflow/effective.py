@@ -1,8 +1,10 @@
 """What a config trains, in terms that compare across codebases: counts over all processes per iteration (one
 official epoch), optimizer steps per iteration, the KL coefficient with the convention it is meant in, the
-noise-aware weights' scale, the EMA schedule, and the LoRA target modules resolved on the model's real module names
-(built from its config on the meta device: no weights). ``tempflow check-recipe`` compares these with an official
-configuration (:mod:`tempflow.recipe_check`).
+noise-aware weights' scale, the EMA schedule, the rewards with the arguments that set what their numbers mean, the
+prompt sets, and the LoRA target modules resolved on the model's real module names (built from its config on the
+meta device: no weights). ``tempflow check-recipe`` compares these with an official configuration
+(:mod:`tempflow.recipe_check`). Nothing here loads a reward or a prompt set: rewards and sets are compared by name
+and arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from .config import TempFlowGRPOConfig
 from .model_configs import ModelConfigs
+from .rewards.pickscore import PICKSCORE_NORMALIZER
 
 EFFECTIVE_KEYS: dict[str, str] = {
     "algorithm": "tempflow_grpo (branched rollouts), flow_grpo (full SDE trajectories) or diffusion_nft",
@@ -56,6 +59,7 @@ EFFECTIVE_KEYS: dict[str, str] = {
     "adam_epsilon": "AdamW epsilon",
     "max_grad_norm": "gradient clipping norm",
     "use_lora": "LoRA (else full fine-tuning)",
+    "lora_dtype": "dtype of the trained LoRA weights (and so of their gradients and AdamW state)",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha",
     "lora_init": "LoRA initialisation",
@@ -63,9 +67,14 @@ EFFECTIVE_KEYS: dict[str, str] = {
     "use_ema": "an EMA of the trained weights for evaluation and export",
     "ema_decay": "EMA decay per update",
     "ema_update_interval": "optimizer steps between EMA updates",
-    "ema_updates_per_interval": "times each EMA update is applied",
+    "ema_updates_per_interval": "times each EMA update is applied (official loops: once per training batch)",
     "mixed_precision": "autocast / frozen-weight precision",
-    "reward_funcs": "training rewards",
+    "rewards": "training rewards, each with its weight and the arguments that set what its number means: PickScore's "
+               "`scale` (1: raw, 1/26: normalize); GenEval's credit (`geneval` partial, `geneval_strict` 0/1), "
+               "`jpeg_quality` (the JPEG re-encoding before scoring; None: scored as decoded) and `detector_bgr` "
+               "(red and blue swapped for the detector, as the official server's mmdetection call reads them)",
+    "train_prompts": "the training prompt set (a registered name such as pickscore:train, or a file)",
+    "eval_prompts": "the evaluation prompt set (`N of SET` when num_eval_prompts takes a subset; None: no evaluation)",
     "nft_beta": "diffusion_nft: beta of the implicit positive / negative policies",
     "old_policy_decay": "diffusion_nft: [flat_steps, rate, max] of the old policy's soft update per iteration",
 }
@@ -73,6 +82,14 @@ EFFECTIVE_KEYS: dict[str, str] = {
 may use."""
 
 FAMILIES_WITH_CFG = ("sd3", "qwen_image", "wan")
+
+REWARD_CONVENTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pickscore": {"normalize": False},
+    "geneval": {"jpeg_quality": None, "detector_bgr": False},
+    "geneval_strict": {"jpeg_quality": None, "detector_bgr": False},
+}
+"""The constructor arguments that change what a reward's number means, with the rewards' defaults (a test holds them
+to the reward classes' signatures): the only reward arguments ``tempflow check-recipe`` compares."""
 
 
 def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, model: ModelConfigs) -> dict[str, Any]:
@@ -132,13 +149,16 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
         "lora_r": config.lora_r if config.use_lora else None,
         "lora_alpha": config.lora_alpha if config.use_lora else None,
         "lora_init": config.lora_init if config.use_lora else None,
+        "lora_dtype": config.lora_dtype if config.use_lora else None,
         "lora_modules": None,
         "use_ema": config.use_ema,
         "ema_decay": config.ema_decay if config.use_ema else None,
         "ema_update_interval": config.ema_update_interval if config.use_ema else None,
         "ema_updates_per_interval": 1 if config.use_ema else None,  # tempflow applies each EMA update once
         "mixed_precision": config.mixed_precision,
-        "reward_funcs": list(config.reward_funcs),
+        "rewards": reward_specs(config),
+        "train_prompts": _prompt_set(config.train_prompts, config.prompt_tasks),
+        "eval_prompts": _eval_prompt_set(config),
         "nft_beta": config.nft_beta if nft else None,
         "old_policy_decay": list(config.old_policy_decay) if nft else None,
     }
@@ -148,6 +168,36 @@ def effective_hyperparameters(config: TempFlowGRPOConfig, num_processes: int, mo
     if config.use_lora:
         values["lora_modules"] = list(config.lora_target_modules or policy_class.default_lora_target_modules)
     return values
+
+
+def reward_specs(config: TempFlowGRPOConfig) -> list[dict[str, Any]]:
+    """The training rewards as ``{"name", <convention>, "weight"}``, sorted by name: PickScore's ``scale`` ("1" raw,
+    "1/26" normalized) and GenEval's ``jpeg_quality`` and ``detector_bgr``, read from ``reward_kwargs`` with the
+    rewards' defaults."""
+    weights = config.reward_weights or [1.0] * len(config.reward_funcs)
+    specs = []
+    for name, weight in zip(config.reward_funcs, weights):
+        arguments = {**REWARD_CONVENTION_DEFAULTS.get(name, {}), **config.reward_kwargs.get(name, {})}
+        spec: dict[str, Any] = {"name": name}
+        if name == "pickscore":
+            spec["scale"] = f"1/{PICKSCORE_NORMALIZER:g}" if arguments["normalize"] else "1"
+        elif name in REWARD_CONVENTION_DEFAULTS:
+            spec.update({key: arguments[key] for key in REWARD_CONVENTION_DEFAULTS[name]})
+        specs.append({**spec, "weight": float(weight)})
+    return sorted(specs, key=lambda spec: spec["name"])
+
+
+def _prompt_set(source: str | None, tasks: list[str] | None) -> str | None:
+    if source in (None, "", "none"):
+        return None
+    return source if not tasks else f"{source} (tasks {', '.join(tasks)})"
+
+
+def _eval_prompt_set(config: TempFlowGRPOConfig) -> str | None:
+    prompt_set = _prompt_set(config.eval_prompts, config.prompt_tasks)
+    if prompt_set is None or config.num_eval_prompts is None:
+        return prompt_set
+    return f"{config.num_eval_prompts} of {prompt_set}"
 
 
 def _trained_steps(config: TempFlowGRPOConfig) -> list[int] | str:

@@ -5,8 +5,8 @@ quoted line and commit it was read from). A recipe names one (``reference``) and
 sizes were derived for (``recipe_num_processes``); the check compares the recipe's effective hyperparameters
 (:mod:`tempflow.effective`) with the record's, prints each difference with both values and the official source
 line, and fails on every difference that the recipe's ``deviations`` mapping does not state with a reason (and on a
-stated deviation that is not one). It also prints the per-process sizes that keep the global batch on 8 and on 1
-processes.
+stated deviation that is not one). Rewards and prompt sets are compared by name and arguments, never loaded. It also
+prints the per-process sizes that keep the global batch on 8 and on 1 processes.
 
 Exit codes: 0 the recipe matches its reference up to stated deviations (or claims none); 1 it does not; 2 bad input.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -99,6 +100,13 @@ def compare(config, reference: Reference, num_processes: int, model) -> list[Com
             same = math.isclose(ours[key], theirs, rel_tol=WEIGHT_SCALE_TOLERANCE)
             results.append(Comparison(key, round(ours[key], 4), theirs, same,
                                       "tempflow's is 1/mean(std) over the trained steps of this σ grid"))
+        elif key == "rewards":
+            official = sorted(theirs, key=lambda spec: spec["name"])
+            same = _equal(ours[key], official)
+            results.append(Comparison(key, ours[key], official, same, "" if same else _reward_difference(ours[key],
+                                                                                                         official)))
+        elif key in ("train_prompts", "eval_prompts") and ours[key] != theirs:
+            results.append(Comparison(key, ours[key], theirs, False, _prompt_set_difference(ours[key], theirs)))
         else:
             results.append(Comparison(key, ours[key], theirs, _equal(ours[key], theirs)))
     return results
@@ -112,6 +120,55 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+REWARD_MEANINGS = {
+    "geneval": "GenEval partial credit (the reward server's `scores`)",
+    "geneval_strict": "GenEval strict 0/1",
+    "pickscore": "PickScore",
+}
+"""How a reward's name reads in a difference (others read as their name)."""
+
+REGISTERED_PROMPT_SET = re.compile(r"(^|\s)[A-Za-z_][\w-]*:[\w-]+")
+"""A registered prompt set's name (``prefix:name``) in an effective ``train_prompts`` / ``eval_prompts`` value."""
+
+
+def _reward_difference(mine: list[dict], official: list[dict]) -> str:
+    """What differs between two reward lists, in words: rewards on one side only, then convention and weight."""
+    ours, theirs = {spec["name"]: spec for spec in mine}, {spec["name"]: spec for spec in official}
+    parts = []
+    only_ours, only_theirs = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if only_ours or only_theirs:
+        parts.append(f"{', '.join(map(_reward_meaning, only_ours)) or 'nothing'} vs "
+                     f"{', '.join(map(_reward_meaning, only_theirs)) or 'nothing'}")
+    for name in sorted(set(ours) & set(theirs)):
+        for field in [f for f in {**ours[name], **theirs[name]} if f != "name"]:
+            if not _equal(ours[name].get(field), theirs[name].get(field)):
+                parts.append(f"{_reward_meaning(name)} {_reward_field(field, ours[name].get(field))} vs "
+                             f"{_reward_field(field, theirs[name].get(field))}")
+    return "recipe vs reference: " + "; ".join(parts)
+
+
+def _reward_meaning(name: str) -> str:
+    return REWARD_MEANINGS.get(name, name)
+
+
+def _reward_field(field: str, value: Any) -> str:
+    if field == "scale" and isinstance(value, str):
+        return "raw" if value == "1" else f"/{value.removeprefix('1/')}"
+    if field == "jpeg_quality":
+        return "scored as decoded" if value is None else f"JPEG-encoded at quality {value} before scoring"
+    if field == "detector_bgr":
+        return "with red and blue swapped for the detector" if value else "in RGB for the detector"
+    return f"{field} {value!r}"
+
+
+def _prompt_set_difference(mine: str | None, official: str | None) -> str:
+    reads_a_file = mine is not None and not REGISTERED_PROMPT_SET.search(mine)
+    if reads_a_file and official is not None and REGISTERED_PROMPT_SET.search(official):
+        return (f"the recipe reads a file, the reference the registered set {official}: if the file holds the "
+                "same prompts, state it as a deviation")
+    return "another prompt set changes what is trained or measured"
 
 
 def _module_difference(mine: list[str], official: list[str]) -> str:

@@ -1,19 +1,24 @@
 """`tempflow check-recipe`: every shipped recipe matches the official run it claims up to the deviations it states;
-a difference it does not state fails and is named; the official records are well-formed; the per-process sizes in
-each recipe's header are the ones that keep its global batch."""
+a difference it does not state fails and is named (rewards and their conventions, prompt sets, LoRA dtype included);
+the official records are well-formed; the per-process sizes in each recipe's header are the ones that keep its global
+batch."""
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from tempflow.config import parse_config
-from tempflow.effective import EFFECTIVE_KEYS, resolve_lora_modules
+from tempflow.effective import EFFECTIVE_KEYS, REWARD_CONVENTION_DEFAULTS, resolve_lora_modules, reward_specs
 from tempflow.model_configs import HUB_MODELS
 from tempflow.recipe_check import OTHER_PROCESS_COUNTS, load_references, main, sizes_for
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
-SD35_GENEVAL = str(Path(__file__).parents[1] / "recipes" / "sd35_geneval.yaml")
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+SD35_GENEVAL = str(RECIPES_DIR / "sd35_geneval.yaml")
+SD35_PICKSCORE = str(RECIPES_DIR / "sd35_pickscore.yaml")
+ISSUE_37_KEYS = {"rewards", "train_prompts", "eval_prompts", "lora_dtype", "ema_updates_per_interval"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -76,7 +81,7 @@ def test_the_flux_default_lora_targets_include_the_feed_forward_layers_of_both_s
 
 def test_an_unneeded_deviation_fails_as_stale(capsys):
     assert main([SD35_GENEVAL, "--deviations", '{"beta": "we like it", "mixed_precision": "x", '
-                 '"ema_updates_per_interval": "x", "reward_funcs": "x"}']) == 1
+                 '"ema_updates_per_interval": "x"}']) == 1
     assert "stated deviation `beta` is not one" in capsys.readouterr().out
 
 
@@ -109,6 +114,7 @@ def test_the_official_records_are_well_formed():
             "tempflow_grpo/pickscore_qwenimage_pr", "flow_grpo/geneval_sd3"} <= set(references)
     for reference in references.values():
         assert set(reference.values) <= set(EFFECTIVE_KEYS), reference.name
+        assert ISSUE_37_KEYS <= set(reference.values), reference.name
         assert reference.model_name_or_path in HUB_MODELS
         for entry in [*reference.values.values(), reference.num_processes]:
             assert set(entry) <= {"value", "source", "line", "note"} and entry["line"], reference.name
@@ -140,3 +146,104 @@ def test_a_local_pipeline_is_checked_on_its_own_configs(tiny_sd3_dir, capsys):
     assert f"model shape from: the configs in {tiny_sd3_dir}" in out
     assert "rows_per_iteration: recipe 18, reference 10368" in out
     assert "lora_modules" in out.split("same as the reference")[1].splitlines()[0]  # the same targets resolve alike
+
+
+def _unstated(out: str) -> list[str]:
+    """The keys listed under "differences the recipe does not state"."""
+    section = out.split("differences the recipe does not state")[1].split("the same global batch")[0]
+    return re.findall(r"^  (\w+): recipe", section, flags=re.M)
+
+
+@pytest.mark.parametrize("recipe", ["sd35_pickscore.yaml", "sd35_nft_pickscore.yaml"])
+def test_raw_pickscore_fails_where_the_official_run_divides_by_26(recipe, capsys):
+    """Under a 1e-4 std floor, /26 changes the advantages (0.76x ours at a raw group std of 0.008): not a detail."""
+    assert main([str(RECIPES_DIR / recipe), "--reward_kwargs", "{}"]) == 1
+    out = capsys.readouterr().out
+    assert _unstated(out) == ["rewards"]
+    assert "recipe vs reference: PickScore raw vs /26" in out
+    assert "flow_grpo/pickscore_scorer.py" in out and "`scores = scores" in out
+
+
+def test_geneval_strict_fails_where_the_official_run_trains_on_partial_credit(capsys):
+    assert main([SD35_GENEVAL, "--reward_funcs", "geneval_strict",
+                 "--reward_kwargs", '{"geneval_strict": {"jpeg_quality": 75, "detector_bgr": true}}']) == 1
+    out = capsys.readouterr().out
+    assert _unstated(out) == ["rewards"]
+    assert "GenEval strict 0/1 vs GenEval partial credit" in out
+
+
+def test_geneval_without_the_official_clients_jpeg_and_channel_order_fails(capsys):
+    assert main([SD35_GENEVAL, "--reward_kwargs", "{}"]) == 1
+    out = capsys.readouterr().out
+    assert _unstated(out) == ["rewards"]
+    assert "scored as decoded vs JPEG-encoded at quality 75 before scoring" in out
+    assert "in RGB for the detector vs with red and blue swapped for the detector" in out
+
+
+def test_a_changed_reward_weight_fails_naming_rewards(capsys):
+    assert main([SD35_PICKSCORE, "--reward_weights", "0.5"]) == 1
+    out = capsys.readouterr().out
+    assert _unstated(out) == ["rewards"] and "PickScore weight 0.5 vs weight 1.0" in out
+
+
+@pytest.mark.parametrize("override, key, detail", [
+    (["--train_prompts", "pickscore:test"], "train_prompts", "another prompt set"),
+    (["--train_prompts", "prompts/pickscore_train.txt"], "train_prompts", "the recipe reads a file"),
+    (["--eval_prompts", "geneval:benchmark"], "eval_prompts", "another prompt set"),
+    (["--num_eval_prompts", "64"], "eval_prompts", "recipe '64 of pickscore:test', reference 'pickscore:test'"),
+])
+def test_a_changed_prompt_set_fails_naming_it(override, key, detail, capsys):
+    assert main([SD35_PICKSCORE, *override]) == 1
+    out = capsys.readouterr().out
+    assert _unstated(out) == [key] and detail in out
+
+
+def test_flux_lora_in_float32_fails_naming_lora_dtype(capsys):
+    """The official FLUX script casts its LoRA to bf16; the recipe follows it, so float32 is a difference to state."""
+    assert main([str(RECIPES_DIR / "flux_pickscore.yaml"), "--lora_dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert _unstated(out) == ["lora_dtype"]
+    assert "lora_dtype: recipe 'float32', reference 'bfloat16'" in out and "FLUX train trick" in out
+
+
+def test_the_check_never_builds_a_reward(monkeypatch, capsys):
+    """Rewards are compared by name and arguments: an unregistered or unloadable reward still gets its check."""
+    import tempflow.rewards
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check-recipe built a reward")
+
+    monkeypatch.setattr(tempflow.rewards, "get_reward", refuse)
+    assert main([SD35_GENEVAL]) == 0
+    assert main([SD35_GENEVAL, "--reward_funcs", "not_registered_anywhere", "--reward_kwargs", "{}"]) == 1
+    assert "not_registered_anywhere vs GenEval partial credit" in capsys.readouterr().out
+
+
+def test_reward_specs_carry_the_conventions_and_weights(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("reward_funcs: [pickscore, geneval, brightness]\nreward_weights: [1.0, 0.5, 2.0]\n"
+                      "reward_kwargs: {pickscore: {normalize: true}, geneval: {jpeg_quality: 75, detector_bgr: true}}\n")
+    assert reward_specs(parse_config(str(recipe), [])) == [
+        {"name": "brightness", "weight": 2.0},
+        {"name": "geneval", "jpeg_quality": 75, "detector_bgr": True, "weight": 0.5},
+        {"name": "pickscore", "scale": "1/26", "weight": 1.0},
+    ]
+    defaults = reward_specs(parse_config(str(recipe), ["--reward_kwargs", "{}"]))
+    assert defaults[1] == {"name": "geneval", "jpeg_quality": None, "detector_bgr": False, "weight": 0.5}
+    assert defaults[2]["scale"] == "1"
+
+
+def test_the_compared_defaults_are_the_reward_classes_defaults():
+    """REWARD_CONVENTION_DEFAULTS reads an argument a recipe leaves out as the reward would: hold it to the signatures of
+    the rewards registered here (the GenEval ones once they are)."""
+    import tempflow.rewards
+    from tempflow.rewards import available
+
+    checked = []
+    for name, defaults in REWARD_CONVENTION_DEFAULTS.items():
+        if name not in available():
+            continue
+        parameters = inspect.signature(tempflow.rewards._REGISTRY[name]).parameters
+        assert {key: parameters[key].default for key in defaults} == defaults, name
+        checked.append(name)
+    assert "pickscore" in checked
