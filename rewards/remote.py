@@ -22,6 +22,7 @@ import urllib.request
 import numpy as np
 import torch
 
+from ..redaction import redact_text
 from . import register_reward, to_uint8
 from .combined import RewardError
 
@@ -32,7 +33,11 @@ _RETRY_STATUSES = (408, 502, 503, 504)
 
 
 class RemoteRewardError(RewardError):
-    """The reward server refused a request, failed, or could not be reached."""
+    """The reward server refused a request, failed, or could not be reached. The message names the server by
+    its url, which may carry credentials (``user:password@``, ``?token=``): they are hidden, echoes too."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_text(message))
 
 
 def encode_png(array: np.ndarray) -> str:
@@ -76,15 +81,35 @@ def png_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
+# the modes Pillow opens PNGs in: 16-bit greyscale stays 16-bit ("I;16"; older Pillow opened it as "I"), every
+# other kind of PNG arrives as 8-bit samples (16-bit colour already reduced to its high bytes)
+_SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
 def png_pixels(data: bytes) -> np.ndarray:
-    """PNG bytes → ``[H, W, 3]`` uint8; ``ValueError`` naming the problem for anything else."""
+    """PNG bytes → ``[H, W, 3]`` uint8, any bit depth and colour type (alpha and transparency are dropped, as
+    Pillow's ``convert("RGB")`` drops them); ``ValueError`` naming the problem for anything else."""
     with _open_png(data) as image:
+        if image.mode not in _SIXTEEN_BIT_GREY_MODES + _EIGHT_BIT_MODES:
+            raise ValueError(f"a PNG of mode {image.mode!r}, which the server does not decode")
         try:
-            return np.asarray(image.convert("RGB"))
+            return _rgb_pixels(image)
         except MemoryError:
             raise
         except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
             raise ValueError(f"not a valid PNG ({_reason(err)})") from None
+
+
+def _rgb_pixels(image) -> np.ndarray:
+    if image.mode in _SIXTEEN_BIT_GREY_MODES:
+        # Pillow's convert("RGB") clips 16-bit samples at 255 (mid-grey became white); keep the high byte
+        # instead, as Pillow does for 16-bit colour PNGs, so that a grey PNG decodes like its colour twin
+        high_bytes = np.minimum(np.asarray(image).astype(np.int64) >> 8, 255).astype(np.uint8)
+        return np.repeat(high_bytes[..., None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # P with tRNS straight to RGB warns (Pillow) and gives the same colours
+    return np.array(image.convert("RGB"))  # writable, for torch.from_numpy
 
 
 def limit_pillow_pixels(max_pixels: int) -> None:

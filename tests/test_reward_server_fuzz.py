@@ -24,8 +24,10 @@ SEED = 1234
 MUTATIONS = 500  # plus about 80 fixed cases: under 1000 requests in all
 MAX_IMAGE_PIXELS = 1024 * 1024
 MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS
-# Peak RSS over the idle server's (after one small request): a full request decodes to about 15 bytes per pixel
-# (uint8 RGB, then float32), ~64 MB at these limits; measured +73 MB (538 -> 611 MB) on a 2-core CPU box.
+MAX_REQUEST_IMAGES = 8
+# Peak RSS over the idle server's (after one small request): a full request decodes to 12 bytes per pixel
+# (float32), 48 MiB at these limits, beside the bodies in memory; measured +103 to +148 MB (idle 539 MB) on a
+# 2-core CPU box.
 # Without the limits, the one 12000x12000 bomb below took 4.8 GB; decoding on each connection's thread
 # multiplied that by the burst, and let memory creep up ~23 MB a request by using a malloc arena per thread.
 RSS_HEADROOM_MB = 200
@@ -50,6 +52,14 @@ def bilevel_png(width: int, height: int, rows: int | None = None) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
     )
+
+
+def grey16_png(width: int, height: int) -> bytes:
+    """A 16-bit greyscale PNG of a left-to-right ramp (Pillow opens it in mode "I;16")."""
+    row = b"\x00" + np.linspace(0, 65535, width).astype(">u2").tobytes()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(row * height))
+            + png_chunk(b"IEND", b""))
 
 
 def b64(data: bytes) -> str:
@@ -113,6 +123,8 @@ class Cases:
         yield "bomb header, no data", post(body_of([b64(bilevel_png(12_000, 12_000, rows=0))])), {413}, True
         yield "one pixel over", post(body_of([b64(bilevel_png(1025, 1024))])), {413}, True
         yield "too many pixels", post(body_of([b64(bilevel_png(1024, 1024))] * 5)), {413}, True
+        yield "too many images", post(body_of([b64(png)] * (MAX_REQUEST_IMAGES + 1))), {413}, True
+        yield "16-bit greyscale", post(body_of([b64(grey16_png(16, 16))])), {200}, True
         yield "huge Content-Length", post(b"", length="1000000000000"), {413}, False
         yield "huger Content-Length", post(b"", length="9" * 5000), {413}, False
         yield "body over the limit", post(bytes(5 * 2**20)), {413}, True
@@ -218,7 +230,8 @@ def check(name: str, reply, allowed: set) -> None:
 def server_process(tmp_path):
     """``(process, port, stderr path)`` of ``python -m tempflow.rewards.server brightness`` on a free port."""
     stderr_path = tmp_path / "server.err"
-    limits = ["--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-request-pixels", str(MAX_REQUEST_PIXELS)]
+    limits = ["--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-request-pixels", str(MAX_REQUEST_PIXELS),
+              "--max-request-images", str(MAX_REQUEST_IMAGES)]
     command = [
         sys.executable,
         "-m",
