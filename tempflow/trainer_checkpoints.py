@@ -1,7 +1,7 @@
 """Weights and checkpoints of a training run: LoRA or full-transformer export (gathered under ZeRO-3 and FSDP),
 accelerate checkpoints written atomically with the trainer's state and a manifest, LoRA-only checkpoint hooks, the
 EMA, old policy and RNG states as safetensors instead of accelerate's pickles (per process under FSDP), and exact
-resume (DeepSpeed's partial-checkpoint options included)."""
+resume from a checkpoint verified first (DeepSpeed's partial-checkpoint options included)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 from .run_directory import (
@@ -17,6 +16,7 @@ from .run_directory import (
     TEMPORARY_PREFIX,
     TRAINER_STATE,
     checkpoint_to_resume,
+    print_notice,
     prune_checkpoints,
     write_manifest,
 )
@@ -121,7 +121,7 @@ class CheckpointMixin:
         if not target:
             return
         chosen = [None, None]  # the checkpoint, or why there is none to resume
-        if self.accelerator.is_main_process:  # verifies (reads every file once) and may set damaged ones aside
+        if self.accelerator.is_main_process:  # checks every file (read once) and may set damaged ones aside
             try:
                 path = checkpoint_to_resume(self.config.output_dir, target)
                 chosen[0] = None if path is None else str(path)
@@ -134,8 +134,9 @@ class CheckpointMixin:
         if chosen[1] is not None:
             raise chosen[1]
         if chosen[0] is None:
-            warnings.warn(f"resume_from_checkpoint: latest found no checkpoint in {self.config.output_dir}; starting "
-                          "a fresh run", stacklevel=2)
+            if self.accelerator.is_main_process:
+                print_notice(f"resume_from_checkpoint: latest found no checkpoint in {self.config.output_dir}; "
+                             "starting a fresh run")
             return
         path = Path(chosen[0])
         self.accelerator.load_state(str(path), **self._deepspeed_checkpoint_kwargs(save=False))

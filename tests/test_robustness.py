@@ -1,4 +1,5 @@
-"""Faults never lose work: killed runs resume exactly, signals checkpoint first, non-finite steps are skipped."""
+"""Faults never lose work: killed runs resume exactly, signals checkpoint first, non-finite steps are skipped, and
+a damaged checkpoint is never trained on."""
 
 import json
 import math
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tempflow.cli import EXIT_INTERRUPTED, main
+from tempflow.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, main
 from tempflow.config import TempFlowGRPOConfig
 from tempflow.trainer import NonFiniteTrainingError, TempFlowGRPOTrainer
 
@@ -71,6 +72,26 @@ def test_sigterm_checkpoints_before_exit(tiny_sd3_dir, tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["interrupted_by"] == "SIGTERM"
     assert (out / f"checkpoint-{summary['iterations']}" / "trainer_state.json").is_file()
+
+
+def test_a_damaged_checkpoint_named_explicitly_stops_the_run_untouched(tiny_sd3_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_sd3_dir, out, 1)) == 0
+    checkpoint = out / "checkpoint-1"
+    lora = bytearray((checkpoint / "pytorch_lora_weights.safetensors").read_bytes())
+    lora[-64:-32] = bytes(b ^ 0xFF for b in lora[-64:-32])  # flipped weights: the file still loads
+    (checkpoint / "pytorch_lora_weights.safetensors").write_bytes(bytes(lora))
+    (checkpoint / "manifest.json").unlink()  # so nothing can tell they changed
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    capsys.readouterr()
+
+    assert main(_args(tiny_sd3_dir, out, 2, "--resume_from_checkpoint", str(checkpoint))) == EXIT_BAD_INPUT
+    stderr = capsys.readouterr().err
+    assert [line for line in stderr.splitlines() if line.startswith("tempflow:")] == [
+        f"tempflow: error: checkpoint {checkpoint} is damaged: manifest.json is missing, so its files cannot be "
+        "verified (written by a tempflow older than manifests?); nothing was resumed"]
+    assert "Traceback" not in stderr
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before  # nothing trained
 
 
 def _config(model_dir, output_dir, **overrides):
