@@ -56,7 +56,7 @@ class CombinedReward:
             return torch.full((len(prompts),), math.nan)
         if len(scores) != len(prompts):
             raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(prompts)} images")
-        values = torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32)
+        values = torch.tensor([_score_value(name, s) for s in scores], dtype=torch.float32)
         unscored = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if unscored:
             which = "; ".join(repr(prompts[i]) for i in unscored[:3]) + ("; ..." if len(unscored) > 3 else "")
@@ -67,6 +67,20 @@ class CombinedReward:
                           stacklevel=2)
             values[~torch.isfinite(values)] = math.nan
         return values
+
+
+def _score_value(name: str, score) -> float:
+    """A score as a float (None: unscored, NaN). Anything but a number, a string "0.5" included, is a bug in
+    the reward: named, with the value."""
+    if score is None:
+        return math.nan
+    if not isinstance(score, (str, bytes)) and hasattr(score, "__float__"):
+        try:
+            return float(score)
+        except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several values
+            pass
+    shown = repr(score) if len(repr(score)) <= 80 else repr(score)[:77] + "..."
+    raise RewardError(f"reward {name!r} returned {shown} ({type(score).__name__}), not a number")
 
 
 def _call_with_timeout(func, timeout: float | None, *args, **kwargs):

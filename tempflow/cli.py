@@ -19,11 +19,13 @@ Exit codes: 0 done; 1 check-recipe found an unstated difference, or plan found n
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
 
 from .errors import NonFiniteTrainingError, RewardError
+from .redaction import redact_text
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
@@ -32,8 +34,13 @@ EXIT_INTERRUPTED = 128  # + the signal number, as shells report it; a checkpoint
 
 def train(recipe: str | None, overrides: list[str]) -> dict:
     from .config import parse_config
+    from .preflight import check_training_inputs
+    from .progress import say
 
-    config = parse_config(recipe, overrides)  # before the trainer's heavy imports: a bad recipe fails at once
+    config = parse_config(recipe, overrides)  # before the trainer's heavy imports a bad recipe fails at once,
+    check_training_inputs(config)  # as do a missing file, an unknown reward or model, an output_dir in use
+    say(f"training {config.model_name_or_path} with {config.algorithm} into {config.output_dir}; importing "
+        "torch, diffusers and accelerate ...")  # they take seconds: the first line must not wait for them
     from .trainer import TempFlowGRPOTrainer
 
     trainer = TempFlowGRPOTrainer(config)
@@ -70,8 +77,6 @@ def _load_for_sampling(args):
         num_frames=args.num_frames,
     )
     if args.lora:
-        if not Path(args.lora, "pytorch_lora_weights.safetensors").is_file():
-            raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in LoRA directory {args.lora!r}")
         policy.load_lora(args.lora)
     policy.set_softpag(softpag)
     return policy, RolloutEngine(policy, noise_level=0.0, batch_size=args.batch_size)
@@ -84,8 +89,30 @@ def _softpag(args):
     return SoftPAG(scale=args.pag_scale, layers=tuple(args.pag_layers), heads=heads, softness=args.pag_softness)
 
 
+def _check_sampling_inputs(args) -> None:
+    """What eval and sample can check before torch loads: the model and the sizes it can take, the LoRA, the
+    rewards, the prompts and the output folder."""
+    from . import limits, preflight
+
+    preflight.check_model(args.model)
+    problem = limits.sample_size_problem(limits.pixel_multiple(args.model), args.resolution, args.width,
+                                         args.num_frames)
+    if problem:
+        name, why = problem
+        raise ValueError(f"argument --{name.replace('_', '-')}: {why} (got {getattr(args, name)})")
+    if why := limits.text_length_problem(args.max_sequence_length):
+        raise ValueError(f"argument --max-sequence-length: {why} (got {args.max_sequence_length})")
+    if args.lora:
+        preflight.check_lora(args.lora)
+    preflight.check_reward_names(getattr(args, "rewards", ()))
+    if not getattr(args, "prompt", None):
+        preflight.check_prompt_source(args.prompts)
+    preflight.check_output_folder(args.output, "--output")
+
+
 def evaluate(args) -> dict:
     """Score ODE samples of a prompt set with rewards; write eval.json and a grid into --output."""
+    _check_sampling_inputs(args)
     import dataclasses
     import json
 
@@ -134,6 +161,7 @@ def _print_scores(summary: dict, k: int) -> None:
 def sample(args) -> None:
     """Generate one sample per prompt and save them as PNG files (videos: animated WebP, GIF or MP4), and a grid
     (videos: of frame strips)."""
+    _check_sampling_inputs(args)
     from .evaluation import sample_prompt_set
     from .plots import save_image_grid
     from .prompts import load_prompts
@@ -160,44 +188,90 @@ def sample(args) -> None:
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="shapes", help="pipeline directory or hub id (default: shapes)")
     parser.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors")
-    parser.add_argument("--num-steps", type=int, default=20, help="ODE steps (default 20)")
-    parser.add_argument("--guidance-scale", type=float, default=4.5, help="CFG / guidance scale (default 4.5)")
-    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64; the height "
-                        "when --width is given)")
-    parser.add_argument("--width", type=int, default=None, help="width in pixels (qwen_image, wan; default: square)")
-    parser.add_argument("--num-frames", type=int, default=None, help="video frames (wan; default 81)")
+    parser.add_argument("--num-steps", type=_steps, default=20, help="ODE steps (default 20)")
+    parser.add_argument("--guidance-scale", type=_non_negative_float, default=4.5,
+                        help="CFG / guidance scale (default 4.5)")
+    parser.add_argument("--resolution", type=_positive_int, default=64,
+                        help="image size in pixels (default 64; the height when --width is given)")
+    parser.add_argument("--width", type=_positive_int, default=None,
+                        help="width in pixels (qwen_image, wan; default: square)")
+    parser.add_argument("--num-frames", type=_positive_int, default=None,
+                        help="video frames (wan; default 81)")
     parser.add_argument("--negative-prompt", default=None, help="CFG's negative prompt (default: the family's)")
-    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt (default: the pipeline's)")
-    parser.add_argument("--batch-size", type=int, default=64, help="latents per transformer call")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--pag-scale", type=float, default=0.0,
+    parser.add_argument("--max-sequence-length", type=_positive_int, default=None,
+                        help="T5 tokens per prompt (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="latents per transformer call")
+    parser.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N prompts")
+    parser.add_argument("--pag-scale", type=_non_negative_float, default=0.0,
                         help="SoftPAG (perturbed-attention guidance) scale s; 0 (default) turns it off")
     parser.add_argument("--pag-layers", type=int, nargs="+", default=[],
                         help="blocks whose attention SoftPAG perturbs (FLUX: double blocks, then single blocks)")
     parser.add_argument("--pag-heads", type=int, nargs="+", default=None,
                         help="heads SoftPAG perturbs in those blocks (default: all)")
-    parser.add_argument("--pag-softness", type=float, default=1.0,
+    parser.add_argument("--pag-softness", type=_unit_float, default=1.0,
                         help="SoftPAG u in [0, 1]: perturbed heads give (1-u)*attention + u*V (default 1: PAG)")
 
 
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        kind_name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {kind_name}, not {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, not {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
-def _config_help() -> str:
-    from trl import TrlParser
+def _steps(text: str) -> int:
+    from .limits import MAX_STEPS
 
-    from .config import TempFlowGRPOConfig
+    value = _positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS} (the scheduler's training timesteps), "
+                                         f"not {value}")
+    return value
 
-    return TrlParser((TempFlowGRPOConfig,)).format_help().split("options:", 1)[-1]
+
+def _seed(text: str) -> int:
+    from .limits import MAX_SEED
+
+    value = _number(text, int)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in [0, {MAX_SEED}], not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, not {value:g}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {value:g}")
+    return value
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, without argparse's usage text: ``tempflow eval: error: ...``, exit status 2."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="tempflow",
         description="RL fine-tuning of flow-matching text-to-image and text-to-video models (SD3/SD3.5, FLUX.1, "
         "Qwen-Image, Wan 2.1).",
@@ -208,11 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser(
         "train",
         help="fine-tune a model with TempFlow-GRPO or Flow-GRPO",
-        description="Fine-tune with a YAML recipe; any config field can be overridden as --field value. Model "
-        "families: sd3 (SD3/SD3.5), flux (FLUX.1), qwen_image (Qwen-Image), wan (Wan 2.1 text-to-video, 1.3B and 14B).",
-        epilog="example: tempflow train recipes/shapes.yaml --max_steps 20 --output_dir outputs/demo\n\n"
-        "config fields:" + "{config_help}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune with a YAML recipe: TempFlow-GRPO, Flow-GRPO or DiffusionNFT. Model families: "
+        "sd3 (SD3/SD3.5), flux (FLUX.1), qwen_image (Qwen-Image), wan (Wan 2.1 text-to-video, 1.3B and 14B).",
+        epilog="example: tempflow train recipes/shapes.yaml --max_steps 20 --output_dir outputs/demo",
     )
     train_parser.add_argument("recipe", nargs="?", help="YAML recipe (fields of TempFlowGRPOConfig)")
     eval_parser = commands.add_parser(
@@ -275,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return prompt_sets(argv[1:])
     if argv[:1] == ["train"] and {"-h", "--help"} & set(argv):
-        train_parser.epilog = train_parser.epilog.format(config_help=_config_help())
+        from .config_help import SYNTAX, FieldHelpFormatter, add_config_groups
+
+        train_parser.formatter_class = FieldHelpFormatter
+        train_parser.usage = "%(prog)s [-h] [recipe] [--field value ...]"
+        train_parser.description += " " + SYNTAX
+        add_config_groups(train_parser)  # for the help only: parse_config parses the fields
         train_parser.print_help()
         return 0
     args, overrides = parser.parse_known_args(argv)
@@ -296,11 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(args)
         elif args.command == "sample":
             sample(args)
-    except (ValueError, FileNotFoundError, RewardError) as err:
-        print(f"tempflow: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RewardError) as err:  # a reward's error may quote credentials
+        print(f"tempflow: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteTrainingError as err:
-        print(f"tempflow: training stopped: {err}", file=sys.stderr)
+        print(f"tempflow: training stopped: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     return 0
 

@@ -28,6 +28,7 @@ from .attention import (
     TOKEN_PRUNING,
     check_token_grid_users,
 )
+from .limits import MAX_SEED, MAX_SIDE, MAX_STEPS, pixel_multiple, sample_size_problem, text_length_problem
 
 ALGORITHMS = ("tempflow_grpo", "flow_grpo", "diffusion_nft")
 MODEL_FAMILIES = ("auto", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "qwen_image_edit_plus", "wan")
@@ -121,14 +122,13 @@ class TempFlowGRPOConfig:
     lora_init: str = _help("LoRA init (peft `init_lora_weights`): `gaussian` or `default`.", default="gaussian")
     lora_target_modules: list[str] | None = _help("Modules to adapt; default the model family's.", default=None)
     lora_dtype: str = _help(
-        "dtype of the trained adapter weights (LoRA, and block-sparse gates): `float32` (default) or "
-        "`bfloat16` (the official TempFlow-GRPO FLUX script's: AdamW on bf16 weights, no float32 master "
-        "copy). Their gradients, AdamW state, EMA shadow, DiffusionNFT's old policy, checkpoints and "
-        "exported LoRA are in it too. bfloat16 keeps 8 significant bits: a change below half its spacing "
-        "(2^-9 to 2^-8 of a weight's magnitude) rounds away, so lr 3e-4 times a normalised AdamW step of "
-        "about 1 leaves a weight of magnitude 1 unchanged; small EMA and old-policy moves are lost alike. "
-        "LoRA only, with mixed_precision bf16 or no; refused under DeepSpeed, and FSDP with mixed "
-        "precision, which keep float32 master weights.",
+        "dtype of the trained adapter weights (LoRA, and block-sparse gates), and of their gradients, AdamW "
+        "state, EMA shadow, DiffusionNFT's old policy, checkpoints and exported LoRA: `float32` or "
+        "`bfloat16` (the official TempFlow-GRPO FLUX script's: no float32 master copy). bfloat16 keeps 8 "
+        "significant bits: a change below 2^-9 to 2^-8 of a weight's magnitude rounds away (lr 3e-4 leaves "
+        "a weight of magnitude 1 unchanged), and so do small EMA and old-policy moves. LoRA only, with "
+        "mixed_precision bf16 or no; refused under DeepSpeed, and FSDP with mixed precision, which keep "
+        "float32 master weights.",
         default="float32",
     )
 
@@ -188,7 +188,7 @@ class TempFlowGRPOConfig:
         default=0.25,
     )
     guard_action: str = _help(
-        f"What a guard that fires does: stop (checkpoint, then end the run, exit 3) or warn. One of {GUARD_ACTIONS}.",
+        "What a guard that fires does: `stop` (checkpoint, then end the run, exit 3) or `warn`.",
         default="stop",
     )
     reward_error_policy: str = _help(
@@ -284,15 +284,14 @@ class TempFlowGRPOConfig:
         default=True,
     )
     loss_mean_over: str = _help(
-        "Which rows the loss averages over. `all_rows`: every training row. `nonzero_advantage_rows`: rows whose "
-        "advantage is zero (their group's rewards are all equal, or their sample went unscored) leave the loss "
-        "mean, as the Flow-GRPO and TempFlow-GRPO codes drop such samples: the other rows' loss is not diluted. "
-        "`nonzero_advantage_child_slots` (branched rollouts): TempFlow-GRPO's train_sd3_pr.py keeps the k-th children "
-        "of one ODE path at every branch step together as one sample and leaves them out only when all their "
-        "advantages are zero. Rows stay in their micro-batches (masked), so every process takes the same optimizer "
-        "steps. The mean is over the counted rows of all processes (their count is summed once per optimizer step), "
-        "so a step does not depend on how the global batch is split over processes; `train/counted_row_fraction` logs "
-        "their share of all rows.",
+        "Which rows the loss averages over. `all_rows`: every training row. `nonzero_advantage_rows`: rows "
+        "with zero advantage (equal rewards in their group, or an unscored sample) leave the mean, as the "
+        "Flow-GRPO and TempFlow-GRPO codes drop such samples. `nonzero_advantage_child_slots` (branched "
+        "rollouts): as TempFlow-GRPO's train_sd3_pr.py, the k-th children of one ODE path at every branch "
+        "step count as one sample, left out only when all their advantages are zero. Left-out rows stay in "
+        "their micro-batches (masked), and the mean is over the counted rows of all processes, so a step "
+        "does not depend on how the batch is split over processes; `train/counted_row_fraction` logs their "
+        "share.",
         default="all_rows",
     )
 
@@ -352,11 +351,11 @@ class TempFlowGRPOConfig:
     )
     gradient_checkpointing: bool = _help("Trade compute for memory in the transformer.", default=False)
     attention_backend: str = _help(
-        "Attention for rollouts and log-prob recomputation alike. `auto`: cuDNN SDPA on Hopper, torch's choice "
-        "elsewhere, and the recipe's block-sparse attention or token pruning only where a measurement on this GPU "
-        "at the rollout's shape shows the whole transformer step at least 1.15x faster (cached on disk; on the CPU "
-        "auto is dense). A named kernel runs them as configured: sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, "
-        "sdpa_math, or through diffusers' dispatcher flex, sage, flash_attn (pip install tempflow[flash]).",
+        "`auto`: cuDNN SDPA on Hopper, torch's choice elsewhere, and the recipe's block-sparse attention or "
+        "token pruning only where a measurement on this GPU at the rollout's shape shows the whole "
+        "transformer step at least 1.15x faster (cached on disk; on the CPU auto is dense). A named kernel "
+        "runs them as configured: sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, sdpa_math, or through "
+        "diffusers' dispatcher flex, sage, flash_attn (pip install tempflow[flash]).",
         default="auto",
     )
     compile_transformer: bool = _help(
@@ -378,18 +377,16 @@ class TempFlowGRPOConfig:
     )
     compile_batch_buckets: list[int] = _help(
         "Batch sizes that the compiled graphs are specialised for. Empty: the batch dimension is compiled "
-        "dynamic, so one graph per mode (rollout, recomputation, KL reference) serves every batch size (packed "
-        "rollouts' partial batches, CFG doubling, micro-batches). A list, e.g. 8 16 32: static graphs "
-        "(dynamic=False), one per bucket used and mode; each transformer call's batch (after CFG doubling) is "
-        "padded with copies of its last row up to the smallest bucket that holds it (larger batches run in "
-        "chunks of the largest), and the padding is dropped: results are unchanged (up to float rounding), at the "
-        "cost of the padded rows' compute.",
+        "dynamic, one graph per mode (rollout, recomputation, KL reference) for every batch size. A list, "
+        "e.g. 8 16 32: static graphs (dynamic=False), one per bucket used and mode; each transformer call's "
+        "batch (after CFG doubling) is padded with copies of its last row up to the smallest bucket that "
+        "holds it (larger batches run in chunks of the largest), and the padding is dropped: the same "
+        "results, at the cost of the padded rows' compute.",
         default_factory=list,
     )
     token_pruning_layers: list[int] = _help(
         "Blocks after which image (or video) tokens are pruned (Representation Shift, DESIGN §7; SD3, FLUX and Wan; "
-        "FLUX counts double blocks, then single blocks). Empty: off. Applies to rollouts and log-prob recomputation "
-        "alike.",
+        "FLUX counts double blocks, then single blocks). Empty: off.",
         default_factory=list,
     )
     token_pruning_keep_ratio: float = _help(
@@ -397,7 +394,7 @@ class TempFlowGRPOConfig:
     )
     block_sparse_density: float = _help(
         "VSA-style block-sparse attention (DESIGN §7): fraction of the image key tiles each query tile attends "
-        "to, in (0, 1]; text stays dense. 1: off (dense). Applies to rollouts and log-prob recomputation alike.",
+        "to, in (0, 1]; text stays dense. 1: off (dense).",
         default=1.0,
     )
     block_sparse_tile: list[int] = _help(
@@ -439,13 +436,13 @@ class TempFlowGRPOConfig:
     # --- provenance: the official run a recipe reproduces (`tempflow check-recipe`, README "Fidelity") ---
     reference: str | None = _help(
         "The official configuration this recipe reproduces, e.g. `tempflow_grpo/geneval_sd3_pr` (`tempflow "
-        "check-recipe --list` names them); `none`: it claims none. No effect on training.",
+        "check-recipe --list` names them); `none`: it claims none.",
         default=None,
     )
     deviations: dict | str | None = _help(
         "Where the recipe differs from its reference on purpose: hyperparameter name (as `tempflow check-recipe` "
         "prints it) -> one line of reason (JSON on the command line). The check fails on any difference not stated "
-        "here. No effect on training.",
+        "here.",
         default=None,
     )
     recipe_num_processes: int | None = _help(
@@ -501,6 +498,11 @@ class TempFlowGRPOConfig:
                 if value is not None and value <= 0:
                     reject(name, "must be positive")
 
+        for f in fields(self):  # nan passes every comparison, so each bound below would let it through
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+                reject(f.name, "must be finite")
         one_of("algorithm", ALGORITHMS)
         one_of("model_family", MODEL_FAMILIES)
         one_of("mixed_precision", MIXED_PRECISIONS)
@@ -545,6 +547,20 @@ class TempFlowGRPOConfig:
             "eval_steps", "num_eval_prompts", "max_sequence_length", "max_consecutive_skipped_steps", "reward_timeout",
             "width", "num_frames", "edit_condition_area",
         )
+        self._check_sizes()
+        for name in ("num_inference_steps", "eval_num_inference_steps", "child_num_inference_steps"):
+            if (getattr(self, name) or 0) > MAX_STEPS:
+                reject(name, f"must be at most {MAX_STEPS}, the timesteps the scheduler was trained on")
+        if not 0 <= self.seed <= MAX_SEED:
+            reject("seed", f"must lie in [0, {MAX_SEED}]")
+        if self.guidance_scale < 0:
+            reject("guidance_scale", "must be non-negative")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                reject(name, "must lie in [0, 1)")
+        positive("adam_epsilon", "max_grad_norm")
+        if self.weight_decay < 0:
+            reject("weight_decay", "must be non-negative")
         if self.num_generations < 2:
             reject("num_generations", "needs at least 2 samples per group to compute a group-relative advantage")
         if self.num_inference_steps < 2:
@@ -633,6 +649,20 @@ class TempFlowGRPOConfig:
                 "(the trained timesteps): on ShapesWorld, 9 steps per rollout made the no-branching ablation "
                 "collapse (BENCHMARKS.md)", UnbranchedStepsWarning, stacklevel=4)
 
+    def _check_sizes(self) -> None:
+        """Sample sizes that the model can take (its VAE and patch multiple) and that fit in memory; text
+        length."""
+        multiple = pixel_multiple(self.model_name_or_path, self.model_family)
+        problem = sample_size_problem(multiple, self.resolution, self.width, self.num_frames)
+        if problem:
+            name, why = problem
+            raise ValueError(f"config `{name}`: {why} (got {getattr(self, name)!r})")
+        if why := text_length_problem(self.max_sequence_length):
+            raise ValueError(f"config `max_sequence_length`: {why} (got {self.max_sequence_length!r})")
+        if self.edit_condition_area is not None and self.edit_condition_area > MAX_SIDE**2:
+            raise ValueError(f"config `edit_condition_area`: must be at most {MAX_SIDE}x{MAX_SIDE} pixels "
+                             f"(got {self.edit_condition_area!r})")
+
     def _check_diffusion_nft(self) -> None:
         if len(self.old_policy_decay) != 3 or min(self.old_policy_decay) < 0 or self.old_policy_decay[2] >= 1:
             raise ValueError("config `old_policy_decay`: must be [flat_steps, rate, max] with non-negative values and "
@@ -712,6 +742,53 @@ class TempFlowGRPOConfig:
         if unknown:
             raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+FIELD_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("model", "the pipeline that is trained, and how it samples", (
+        "model_name_or_path", "model_family", "resolution", "width", "num_frames", "edit_condition_area",
+        "guidance_scale", "negative_prompt", "max_sequence_length")),
+    ("sampling", "the rollouts of one iteration: prompts, samples per prompt, noise", (
+        "train_prompts", "prompt_tasks", "prompts_per_iteration", "num_generations", "seeds_per_prompt",
+        "num_inference_steps", "noise_level", "sde_type", "seed")),
+    ("algorithm", "TempFlow-GRPO, Flow-GRPO or DiffusionNFT, each component one switch", (
+        "algorithm", "branching", "branch_steps", "num_branch_steps_per_iteration",
+        "child_num_inference_steps", "noise_aware_weighting", "advantage_group", "scale_rewards",
+        "adv_clip_max", "sde_window_size", "sde_window_range", "nft_beta", "old_policy_decay",
+        "timestep_fraction")),
+    ("loss", "the objective, and the official codes' conventions (README: Fidelity)", (
+        "epsilon", "beta", "kl_normalization", "cfg_uncond_gradient", "loss_mean_over")),
+    ("rewards", "what the rollouts are scored with", (
+        "reward_funcs", "reward_kwargs", "reward_weights", "reward_frames", "reward_timeout",
+        "reward_error_policy")),
+    ("optimisation", "AdamW, its schedule, the batch of an optimizer step, and the EMA", (
+        "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "adam_beta1", "adam_beta2",
+        "adam_epsilon", "weight_decay", "max_grad_norm", "max_steps", "num_iterations",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "max_consecutive_skipped_steps",
+        "use_ema", "ema_decay", "ema_update_interval")),
+    ("LoRA", "the trained adapter (or, with use_lora false, full fine-tuning)", (
+        "use_lora", "lora_r", "lora_alpha", "lora_init", "lora_target_modules", "lora_dtype")),
+    ("evaluation", "held-out prompts (ODE samples) and gold rewards never trained on", (
+        "eval_prompts", "num_eval_prompts", "eval_num_inference_steps", "eval_steps", "eval_reward_funcs",
+        "gold_reward_funcs", "gold_reward_weights")),
+    ("checkpointing", "where a run writes, and resuming", (
+        "output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir")),
+    ("distributed and memory", "precision, memory, compilation; the process count a recipe is sized for", (
+        "mixed_precision", "rollout_batch_size", "gradient_checkpointing", "ema_offload",
+        "compile_transformer", "compile_backend", "compile_mode", "compile_batch_buckets",
+        "recipe_num_processes")),
+    ("attention", "kernels and approximations, for rollouts and log-prob recomputation alike", (
+        "attention_backend", "token_pruning_layers", "token_pruning_keep_ratio", "block_sparse_density",
+        "block_sparse_tile", "block_sparse_layers", "block_sparse_delta_correction", "block_sparse_gate",
+        "block_sparse_kernel")),
+    ("guards", "when a run goes wrong while its curve looks fine (README: Guardrails)", (
+        "guard_gold_drop", "guard_diversity_fraction", "guard_action")),
+    ("logging", "metrics, trackers and progress", ("logging_steps", "report_to", "disable_progress_bar")),
+    ("provenance", "the official run a recipe reproduces (check-recipe); no effect on training", (
+        "reference", "deviations")),
+)
+"""``(title, what it holds, field names)``: the fields of :class:`TempFlowGRPOConfig` by concern, in the order
+``tempflow train --help`` shows them. Every field is in exactly one group."""
 
 
 def _conforms(value: Any, hint: Any) -> bool:

@@ -30,8 +30,9 @@ from .errors import NonFiniteTrainingError
 from .guards import GuardEvent, Guards, GuardWarning, group_diversity
 from .plots import plot_reward_curve
 from .policies import FlowPolicy
+from .progress import count, loading_bars, say, stage
 from .rollout import RolloutEngine
-from .run_directory import check_output_dir
+from .run_directory import append_jsonl_record, check_output_dir
 from .scoring import StreamingScorer
 from .trainer_checkpoints import CheckpointMixin
 from .trainer_evaluate import EvaluateMixin
@@ -41,6 +42,15 @@ from .trainer_rollout import RolloutMixin
 from .trainer_setup import SetupMixin, enable_fsdp_on_cpu, record_deepspeed_ranks_on_cpu
 
 __all__ = ["NonFiniteTrainingError", "TempFlowGRPOTrainer"]  # the error, also importable from here
+
+
+@contextlib.contextmanager
+def _loading(what: str, config: TempFlowGRPOConfig, announce: bool):
+    """Say that ``what`` loads and how long it took (when it is loaded here, not handed in), with the
+    libraries' loading bars off under ``disable_progress_bar``."""
+    saying = stage(f"loading {what}") if announce else contextlib.nullcontext()
+    with loading_bars(not config.disable_progress_bar), saying:
+        yield
 
 
 class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTMixin, EvaluateMixin, CheckpointMixin):
@@ -70,8 +80,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
     ):
         self.config = config
         check_output_dir(config.output_dir, config.overwrite_output_dir, resuming=bool(config.resume_from_checkpoint))
-        self._load_prompts(train_prompts, eval_prompts)
-        self._build_rewards(reward_funcs)
+        self._load_inputs(train_prompts, eval_prompts, reward_funcs)
         if accelerator is None:
             record_deepspeed_ranks_on_cpu()
             enable_fsdp_on_cpu()
@@ -82,8 +91,9 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         )
         set_seed(config.seed)
         self._warn_on_process_count()
-        self._build_policy(policy)
+        self._load_policy(policy)
         self.trainable = self._setup_trainable()
+        say(self._trained_weights_line())
         self.deepspeed_zero_stage = None
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
@@ -109,6 +119,27 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         self._guard_stop: GuardEvent | None = None
         self._kl_probe = None  # a few rows of the last rollout, for the KL-to-reference monitor at evaluation
         self._start_run_directory()
+
+    def _load_inputs(self, train_prompts: list[dict] | None, eval_prompts: list[dict] | None,
+                     reward_funcs: dict | None) -> None:
+        """The prompts and the rewards, saying how many prompts there are and which rewards load."""
+        config = self.config
+        self._load_prompts(train_prompts, eval_prompts)
+        say(f"prompts: {len(self.train_prompts)} to train on, {len(self.eval_prompts)} held out")
+        rewards = dict.fromkeys(config.reward_funcs + config.eval_reward_funcs + config.gold_reward_funcs)
+        with _loading(f"rewards {', '.join(rewards)}", config, announce=reward_funcs is None):
+            self._build_rewards(reward_funcs)
+
+    def _load_policy(self, policy: FlowPolicy | None) -> None:
+        with _loading(f"the model {self.config.model_name_or_path}", self.config, announce=policy is None):
+            self._build_policy(policy)
+
+    def _trained_weights_line(self) -> str:
+        trained = sum(p.numel() for p in self.trainable)
+        total = sum(p.numel() for p in self.policy.transformer.parameters())
+        how = f"LoRA r{self.config.lora_r}" if self.config.use_lora else "full fine-tuning"
+        return (f"{self.policy.family} transformer of {count(total)} weights on {self.accelerator.device}; "
+                f"{count(trained)} trained ({how})")
 
     def training_step(self) -> dict:
         """One iteration: rollout, decode and score, advantages, optimizer steps. Returns its metrics."""
@@ -153,8 +184,15 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         iteration with a checkpoint (the summary then has ``interrupted_by`` set)."""
         config = self.config
         self._maybe_resume()
+        if self.iteration:
+            say(f"resumed at iteration {self.iteration} of {config.max_steps}")
         if self.iteration == 0 and self.eval_prompts:
+            say(f"evaluating the untrained model: encoding {len(self.eval_prompts)} held-out prompts, then "
+                f"sampling them with {config.eval_num_inference_steps} ODE steps")
             self._record_evaluation(self.evaluate("before"))
+        remaining = config.max_steps - self.iteration
+        say(f"training {config.algorithm} for {remaining} iteration{'s' * (remaining != 1)} of "
+            f"{config.prompts_per_iteration} prompts per process")
         bar = tqdm(range(self.iteration, config.max_steps), initial=self.iteration, total=config.max_steps,
                    desc="training", disable=not self.show_progress)
         with self._checkpoint_on_signals():
@@ -166,6 +204,9 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
                 self._guard(self.guards.check_iteration(self.iteration, metrics["monitor/diversity"]), metrics)
                 if self.iteration % config.logging_steps == 0:
                     self._log(metrics)
+                    if not self.show_progress:  # the bar's line, for logs
+                        say(f"iteration {self.iteration}/{config.max_steps}: reward "
+                            f"{metrics['reward/mean']:.3f}, {metrics['iteration/seconds']:.1f} s")
                 if self._stop_requested():
                     self.save_checkpoint()
                     return self._write_summary({}, interrupted_by=self._stop_signal)
@@ -231,8 +272,7 @@ class TempFlowGRPOTrainer(SetupMixin, RolloutMixin, OptimizeMixin, DiffusionNFTM
         if self.config.report_to != "none":
             self.accelerator.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
         if self.accelerator.is_main_process:
-            with open(Path(self.config.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_jsonl_record(Path(self.config.output_dir) / "metrics.jsonl", metrics)
 
     def _write_summary(self, final: dict, interrupted_by: int | None = None) -> dict:
         summary = {

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from .attention.block_sparse import BlockSparse
 from .attention.pruning import TokenPruning
 from .policies import FlowPolicy, load_policy
 from .prompts import load_prompts, select_tasks, spread_subset
+from .redaction import redacted_config
 from .run_directory import TRACKER_PROJECT, remove_previous_run
 from .sharding import block_classes, shard_like_policy
 
@@ -72,6 +72,16 @@ def enable_fsdp_on_cpu() -> None:
     state = PartialState(cpu=True)
     if state.distributed_type == DistributedType.MULTI_CPU:
         state.distributed_type = DistributedType.MULTI_GPU  # AcceleratorState turns it into FSDP
+
+
+def _owner_only(directory: Path) -> None:
+    """Make a directory and what it holds readable by its owner alone (0700, files 0600): tracker files record
+    the whole config. Best effort: a file system without POSIX modes keeps its own."""
+    if not directory.is_dir():  # a tracker that logs elsewhere (wandb: its own directory)
+        return
+    with contextlib.suppress(OSError):
+        for path in [directory, *directory.rglob("*")]:
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 class SetupMixin:
@@ -240,8 +250,10 @@ class SetupMixin:
                 remove_previous_run(config.output_dir)  # only now that the run is ready to start
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
-        if config.report_to != "none":
-            self.accelerator.init_trackers(TRACKER_PROJECT, config={k: str(v) for k, v in asdict(config).items()})
+        if config.report_to != "none":  # the trackers record the config with its secrets hidden
+            self.accelerator.init_trackers(TRACKER_PROJECT, config=redacted_config(config))
+            if self.accelerator.is_main_process:
+                _owner_only(Path(config.output_dir) / TRACKER_PROJECT)
 
     def _setup_trainable(self) -> list[torch.nn.Parameter]:
         config = self.config

@@ -1,5 +1,8 @@
 """Config validation, YAML recipes and CLI overrides (the TrlParser way)."""
 
+import math
+import re
+import typing
 import warnings
 from pathlib import Path
 
@@ -101,3 +104,50 @@ def test_unbranched_configs_warn_when_one_rollout_takes_many_optimizer_steps():
         warnings.simplefilter("error")
         parse_config(shapes, [])  # branched: 3 steps, as the demo trains
         parse_config(shapes, ["--algorithm", "flow_grpo", "--gradient_accumulation_steps", "9"])
+
+
+def test_every_float_field_refuses_nan_and_inf_by_name():
+    """nan passes every comparison, so a bound alone (`learning_rate > 0`) lets it through to the optimizer"""
+    hints = typing.get_type_hints(TempFlowGRPOConfig)
+    floats = [name for name, hint in hints.items() if hint in (float, float | None)]
+    assert {"learning_rate", "guidance_scale", "beta", "epsilon", "reward_timeout"} <= set(floats)
+    for name in floats:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError, match=f"config `{name}`: must be finite"):
+                TempFlowGRPOConfig(**{name: bad})
+    for name, value in (("reward_weights", [math.nan]), ("old_policy_decay", [0.0, math.inf, 0.5])):
+        with pytest.raises(ValueError, match=f"config `{name}`: must be finite"):
+            TempFlowGRPOConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"resolution": 1000, "model_name_or_path": "black-forest-labs/FLUX.1-dev"},
+         "`resolution`: must be a multiple of 16 (flux: the VAE's 8x downsampling times 2x2 latent patches)"),
+        ({"resolution": 60}, "`resolution`: must be a multiple of 8 (sd3: the VAE's 4x downsampling"),
+        ({"resolution": 8192}, "`resolution`: must be at most 4096 pixels: one 8192x8192 sample would take"),
+        ({"model_name_or_path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "resolution": 480, "width": 100000},
+         "`width`: must be at most 4096 pixels: one 480x100000 sample"),
+        ({"model_name_or_path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "resolution": 480, "num_frames": 4097},
+         "`num_frames`: must be at most 1025: one video of 4097 frames at 480x480 would take 11.3 GB"),
+        ({"max_sequence_length": 4096}, "`max_sequence_length`: must be at most 1024 tokens"),
+        ({"eval_num_inference_steps": 10**6}, "`eval_num_inference_steps`: must be at most 1000"),
+        ({"seed": -1}, "`seed`: must lie in [0, 4294967295]"),
+        ({"seed": 2**32}, "`seed`"),
+        ({"guidance_scale": -0.5}, "`guidance_scale`: must be non-negative"),
+        ({"adam_beta2": 1.0}, "`adam_beta2`: must lie in [0, 1)"),
+        ({"adam_epsilon": 0.0}, "`adam_epsilon`: must be positive"),
+        ({"weight_decay": -1e-4}, "`weight_decay`: must be non-negative"),
+    ],
+)
+def test_sizes_seeds_and_optimizer_settings_are_bounded(values, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TempFlowGRPOConfig(**values)
+
+
+def test_sizes_at_the_models_multiple_pass():
+    TempFlowGRPOConfig(resolution=1024, model_name_or_path="black-forest-labs/FLUX.1-dev")
+    TempFlowGRPOConfig(resolution=72)  # ShapesWorld (the default model): 4x VAE, 2x2 patches
+    TempFlowGRPOConfig(model_name_or_path="Qwen/Qwen-Image", resolution=928, width=1664)
+    TempFlowGRPOConfig(model_name_or_path="/no/such/model", resolution=63)  # the model check names this one

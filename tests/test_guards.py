@@ -65,4 +65,5 @@ def test_a_hackable_proxy_is_caught_by_the_gold_guard_and_reported(tmp_path, cap
     assert main(["report", str(out)]) == 0
     page = (out / "report" / "report.html").read_text()
     assert "stopped by guard gold_drop" in page and "the proxy is being gamed" in page
-    assert page.count("data:image/png;base64,") >= 3  # monitors, reward curve, samples: readable on its own
+    assert page.count("data:image/svg+xml;base64,") == 2  # reward curve and monitors: readable on its own,
+    assert page.count("data:image/png;base64,") == 2  # with the samples before training and where it stopped

@@ -560,9 +560,10 @@ def _dtype_argument(dtype: torch.dtype) -> dict:
 def check_model_location(model_name_or_path: str) -> None:
     """Fail early, with the path in the message, for a local model path that does not exist. Hub ids
     (``owner/name``) pass through to ``from_pretrained``."""
+    from ..preflight import looks_like_hub_id
+
     name = str(model_name_or_path)
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
-    if looks_local and not Path(name).expanduser().is_dir():
+    if not looks_like_hub_id(name) and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(f"model path {name!r} does not exist or is not a directory")
 
 
